@@ -1,0 +1,20 @@
+"""Sharded Parquet image datasets: convert, verify, inspect, and stream them into Ray Train workers.
+
+    python -m densenet_ray.data convert digits /tmp/digits     # the offline demo dataset
+    python -m densenet_ray.data verify /tmp/digits
+
+    from densenet_ray import data
+    m = data.check(root, splits=("train", "val"))              # pre-flight, metadata only
+    ds = data.read_split(root, "train", "imagenet_train")      # ray.data.Dataset, uint8 NHWC
+    TorchTrainer(..., datasets={"train": ds, "val": ...}, dataset_config=data.dataset_config())
+
+Data flows one way: sources (readers of the datasets people have) -> write (shards) -> manifest
+(the format and its checks) -> pipeline (Ray Data, transforms) -> training.
+"""
+
+from .manifest import DataError, Manifest, Split, check, load_manifest
+from .pipeline import dataset_config, decode_batch, read_split, skipped_rows
+from .transforms import TRANSFORMS
+
+__all__ = ["DataError", "Manifest", "Split", "TRANSFORMS", "check", "dataset_config", "decode_batch",
+           "load_manifest", "read_split", "skipped_rows"]

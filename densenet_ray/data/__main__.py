@@ -1,0 +1,108 @@
+"""The data CLI: turn datasets into shards, check them, look at them.
+
+    python -m densenet_ray.data convert imagenet /datasets/ILSVRC2012 s3://bucket/imagenet --max-side 512
+    python -m densenet_ray.data convert imagefolder /datasets/flowers /data/flowers
+    python -m densenet_ray.data convert cifar10 cifar-10-python.tar.gz /data/cifar10 --holdout 5000
+    python -m densenet_ray.data convert svhn /datasets/svhn /data/svhn --holdout 6000
+    python -m densenet_ray.data convert digits /tmp/digits
+    python -m densenet_ray.data verify /data/imagenet [--sample 10000]
+    python -m densenet_ray.data inspect /data/imagenet --grid imagenet.png
+
+Conversion and verification run as Ray tasks: on a cluster set RAY_ADDRESS (or run it as a Ray job).
+Exit status: 0 good, 1 problems found (verify, or rejects with --strict), 2 unusable input.
+"""
+
+import argparse
+import os
+import shlex
+import sys
+
+from . import sources
+from .manifest import REJECTS, DataError
+from .verify import inspect, verify
+from .write import SHARD_MB, convert
+
+READERS = {
+    "imagefolder": ("SRC/<split>/<class>/<image>: one folder per split (train/, val/, ...), each with "
+                    "one folder per class; also the ILSVRC2012 train layout",
+                    lambda a: sources.imagefolder(a.src, a.splits.split(",") if a.splits else None)),
+    "imagenet": ("ILSVRC2012 as distributed: train/<wnid>/*.JPEG, flat val/ labelled by LOC_val_solution.csv "
+                 "or ILSVRC2012_validation_ground_truth.txt + ILSVRC2012_devkit_t12/data/meta.mat in SRC",
+                 lambda a: sources.imagenet(a.src)),
+    "cifar10": ("cifar-10-python.tar.gz (the official python version) or the folder it extracts to",
+                lambda a: sources.cifar(a.src, 10)),
+    "cifar100": ("cifar-100-python.tar.gz (the official python version) or the folder it extracts to",
+                 lambda a: sources.cifar(a.src, 100)),
+    "svhn": ("a folder with train_32x32.mat, test_32x32.mat and optionally extra_32x32.mat",
+             lambda a: sources.svhn(a.src)),
+    "digits": ("scikit-learn's bundled 8x8 digits, no SRC: a seeded 80/20 train/val split",
+               lambda a: sources.digits(a.seed)),
+}
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="python -m densenet_ray.data", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="write a dataset folder of Parquet shards")
+    kinds = conv.add_subparsers(dest="kind", required=True)
+    for kind, (help_text, _) in READERS.items():
+        k = kinds.add_parser(kind, help=help_text, description=help_text)
+        if kind != "digits":
+            k.add_argument("src", help="the dataset as downloaded (a local path)")
+        k.add_argument("out", help="the dataset folder to write: a local path or URI (file://, s3://)")
+        if kind == "imagefolder":
+            k.add_argument("--splits", help="comma-separated split folders to convert (default: all)")
+        k.add_argument("--shard-mb", type=int, default=SHARD_MB, help="target shard size in MiB (default %(default)s)")
+        k.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds N pixels, keeping aspect")
+        k.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default %(default)s)")
+        k.add_argument("--seed", type=int, default=0, help="row shuffle and split seed (default %(default)s)")
+        k.add_argument("--holdout", type=int, default=0, help="move N random train images to a new val split")
+        k.add_argument("--strict", action="store_true", help="exit 1 if any source file is rejected")
+        k.add_argument("--overwrite", action="store_true", help="replace an existing dataset at OUT")
+    ver = sub.add_parser("verify", help="check manifest, checksums, schema, labels; decode images")
+    ver.add_argument("out")
+    ver.add_argument("--sample", type=int, help="decode N seeded-random images instead of all")
+    ins = sub.add_parser("inspect", help="class counts, sizes, and a PNG grid of sample images")
+    ins.add_argument("out")
+    ins.add_argument("--grid", metavar="FILE.png", help="write a grid of training images per class")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            return _convert(args, argv)
+        if args.command == "verify":
+            problems, lines = verify(args.out, sample=args.sample)
+            print("\n".join(lines))
+            if problems:
+                print(f"{len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
+                return 1
+            print(f"{args.out}: OK")
+            return 0
+        print(inspect(args.out, grid=args.grid))
+        return 0
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _convert(args, argv):
+    if args.quality not in range(1, 101) or (args.max_side is not None and args.max_side < 1):
+        raise DataError(f"--quality {args.quality} / --max-side {args.max_side}: expected 1..100 and N >= 1")
+    source = READERS[args.kind][1](args)
+    command = "python -m densenet_ray.data " + shlex.join(sys.argv[1:] if argv is None else argv)
+    summary = convert(source, args.out, shard_mb=args.shard_mb, max_side=args.max_side, quality=args.quality,
+                      seed=args.seed, holdout=args.holdout, overwrite=args.overwrite, command=command)
+    print(f"{'split':<8}{'written':>10}{'converted':>11}{'rejected':>10}{'shards':>8}")
+    for split, s in summary.items():
+        print(f"{split:<8}{s['written']:>10,}{s['converted']:>11,}{s['rejected']:>10,}{s['shards']:>8}")
+    rejected = sum(s["rejected"] for s in summary.values())
+    print(f"wrote {args.out}" + (f"; rejected files and reasons: {os.path.join(args.out, REJECTS)}" if rejected else ""))
+    return 1 if rejected and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Shards to training-ready batches with Ray Data, and the per-worker shares Ray Train hands out.
+
+    ds = read_split("s3://bucket/imagenet", "train", "imagenet_train")   # a ray.data.Dataset
+    trainer = TorchTrainer(loop, datasets={"train": ds, "val": read_split(root, "val", "imagenet_eval")},
+                           dataset_config=dataset_config(), ...)
+    # in each worker:
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=256, local_shuffle_buffer_size=2048):
+        x = batch["image"]       # uint8 (N, H, W, C): normalise on the device with m.mean / m.std
+        y = batch["label"]       # int64 (N,)
+    skipped = skipped_rows(root, "train")   # rows that failed to decode so far (cumulative)
+
+Shuffling per epoch: the converter shuffled rows across shards with a seed; every epoch
+read_parquet(shuffle="files") reads the shards in a new order, the local shuffle buffer mixes
+rows within a worker, and random transforms draw fresh crops (their rng is seeded from the OS for
+every batch). `randomize_block_order()` is not used: it is an all-to-all barrier that would hold
+a whole epoch of encoded images in the object store before the first batch.
+"""
+
+import hashlib
+from functools import partial
+
+import numpy as np
+import ray
+from PIL import Image
+from ray.train import DataConfig
+
+from .manifest import DataError, load_manifest
+from .transforms import RANDOM, TRANSFORMS, output_shape
+
+DECODE_BATCH = 64   # images per map_batches call: ~10 MB of 224x224 output
+# What a corrupt image raises inside Pillow, numpy or our shape check: skip the row, not the block.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, Image.DecompressionBombError)
+
+
+def read_split(root, split, transform, *, image_size=None, shuffle=None, with_keys=False, manifest=None):
+    """A ray.data.Dataset of {"image": uint8 (H, W, C), "label": int64} rows for `split` of the
+    dataset at `root` (local path or URI), transformed by `transform` (a key of TRANSFORMS).
+
+    split: a split name, or names joined by "+" ("train+extra").
+    image_size: output side for the imagenet_* transforms (default 224); for "none" and
+        "cifar_train", resize to it when given, else keep the stored size (which must be uniform).
+    shuffle: read shards in a new random order every epoch; default on for random transforms.
+    with_keys: also give each row its source "key" (a string; for analysis with iter_batches,
+        not iter_torch_batches).
+    Rows that fail to decode are dropped one by one and counted: see skipped_rows(root, split).
+    "imagenet_tencrop" rows hold (10, H, W, C) images.
+    """
+    if transform not in TRANSFORMS:
+        raise DataError(f"transform {transform!r}: expected one of {', '.join(TRANSFORMS)}")
+    m = manifest or load_manifest(root)
+    info = m.split(split)
+    size = image_size or (224 if transform.startswith("imagenet") else None)
+    if size is None and info.image_size is None:
+        raise DataError(f"{m.root}: split {split!r} holds images of different sizes; transform "
+                        f"{transform!r} needs image_size=N to give batches one shape")
+    shape = output_shape(transform, size or info.image_size, m.channels)
+    fs, paths = m.shard_paths(split)
+    shuffle = transform in RANDOM if shuffle is None else shuffle
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label"] + ["key"] * with_keys,
+                               shuffle="files" if shuffle else None)
+    fn = partial(decode_batch, transform=transform, size=size, mode="L" if m.channels == 1 else "RGB",
+                 shape=shape, counter=_counter(m.root, split))
+    return ds.map_batches(fn, batch_size=DECODE_BATCH, batch_format="numpy")
+
+
+def decode_batch(batch, *, transform, size, mode, shape, counter=None):
+    """Transform one batch of encoded rows; rows that fail are dropped and added to `counter`."""
+    fn = TRANSFORMS[transform]
+    rng = np.random.default_rng()   # fresh OS entropy: new augmentations every epoch
+    out = np.empty((len(batch["label"]), *shape), np.uint8)
+    keep = np.zeros(len(out), bool)
+    for i, data in enumerate(batch["image"]):
+        try:
+            out[i] = fn(data, size, rng, mode)
+            keep[i] = True
+        except DECODE_ERRORS:
+            pass
+    if counter is not None and not keep.all():
+        ray.get(counter.add.remote(int((~keep).sum())))
+    if not keep.all():
+        out = out[keep]
+    return {"image": out, **{k: np.asarray(v)[keep] for k, v in batch.items() if k != "image"}}
+
+
+def skipped_rows(root, split):
+    """Rows of `split` that failed to decode in read_split datasets, summed since the first
+    read_split(root, split) in this Ray job. Read it after each epoch (e.g. on rank 0, once its
+    shard is exhausted, when the epoch's decoding is complete) and take the difference."""
+    try:
+        return ray.get(ray.get_actor(_counter_name(root, split)).get.remote())
+    except ValueError:   # no read_split for it yet in this job: nothing was skipped
+        return 0
+
+
+def dataset_config(equal=("train",)):
+    """The ray.train.DataConfig that gives each worker its share (Ray Train V2, `dataset_config=`).
+
+    Datasets named in `equal` (training) go through streaming_split(n, equal=True): every block
+    goes to exactly one worker, so shares are disjoint, and all workers get the same number of
+    rows, so DDP steps stay in lockstep; to equalise, Ray drops fewer than n rows per epoch, and
+    with files read in a new order every epoch they are different rows each time. Every other
+    dataset ("val", "test") goes through streaming_split(n, equal=False): disjoint and complete,
+    so evaluation sees every image exactly once across workers (shares may differ by a few
+    blocks, so evaluation must not run collectives per batch: sum the counts once at the end).
+    """
+    return _Shares(equal)
+
+
+class _Shares(DataConfig):
+    def __init__(self, equal, **kwargs):
+        super().__init__(**kwargs)
+        self._equal = tuple(equal)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        equal = {k: v for k, v in datasets.items() if k in self._equal}
+        out = super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            if name in equal:
+                continue
+            ds = ds.copy(ds)
+            if ds.name is None:
+                ds.set_name(name)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for i, it in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                out[i][name] = it
+        return out
+
+
+@ray.remote(num_cpus=0)
+class _Count:
+    def __init__(self):
+        self.n = 0
+
+    def add(self, n):
+        self.n += n
+
+    def get(self):
+        return self.n
+
+
+def _counter_name(root, split):
+    return "densenet_ray.data.skipped." + hashlib.sha1(f"{root.rstrip('/')}|{split}".encode()).hexdigest()[:16]
+
+
+def _counter(root, split):
+    """The job's named counter actor for (root, split); owned by whoever calls read_split first."""
+    return _Count.options(name=_counter_name(root, split), get_if_exists=True).remote()

@@ -1,0 +1,273 @@
+"""Readers for the datasets people have: each returns a Source listing (key, label, payload) per split.
+
+    src = imagenet("/datasets/ILSVRC2012")      # train/n01440764/*.JPEG, val/*.JPEG + label files
+    src = imagefolder("/datasets/flowers")      # SPLIT/CLASS/*.jpg
+    src = cifar("cifar-10-python.tar.gz", 10); src = svhn("/datasets/svhn"); src = digits()
+
+A payload is a local file path (read inside the conversion task, so I/O scales with the cluster)
+or a uint8 HxWxC array (CIFAR, SVHN, digits). Structural problems raise DataError here, before
+any conversion starts; problems with single images are found later and rejected row by row.
+"""
+
+import csv
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from .manifest import DataError
+
+
+class Item(NamedTuple):
+    key: str        # the source path relative to SRC, or "file[index]" for array datasets
+    label: int
+    payload: object  # str: a file to read; np.ndarray: pixels
+
+
+@dataclass
+class Source:
+    name: str
+    wnids: list      # stable class ids in label order
+    classes: list    # display names in label order
+    splits: dict     # split name -> [Item]
+    channels: int = 3
+
+
+def imagefolder(src, splits=None):
+    """SRC/<split>/<class>/<file>: every split's classes must be among train's (labels = sorted train)."""
+    src = _dir(src)
+    names = splits or sorted(d for d in os.listdir(src) if _visible(d) and os.path.isdir(os.path.join(src, d)))
+    if "train" not in names:
+        raise DataError(f"{src}: no train/ folder; imagefolder expects SRC/train/<class>/<image> "
+                        f"(found: {', '.join(names) or 'nothing'})")
+    wnids = _class_dirs(src, "train")
+    index = {w: i for i, w in enumerate(wnids)}
+    out = {}
+    for split in ["train"] + [s for s in names if s != "train"]:
+        items = []
+        for w in _class_dirs(src, split):
+            if w not in index:
+                raise DataError(f"{os.path.join(src, split, w)}: class {w!r} is in {split}/ but not "
+                                f"in train/; every split's classes must be train's ({len(wnids)} classes)")
+            items += [Item(k, index[w], os.path.join(src, k)) for k in _files(src, os.path.join(split, w))]
+        out[split] = items
+    return Source("imagefolder", wnids, list(wnids), out)
+
+
+def imagenet(src):
+    """ILSVRC2012 as distributed: train/<wnid>/*.JPEG and a flat val/ labelled by LOC_val_solution.csv,
+    or by ILSVRC2012_validation_ground_truth.txt with the devkit's meta.mat. Labels: sorted wnids,
+    the order torchvision and every published ImageNet checkpoint use."""
+    src = _dir(src)
+    wnids = _class_dirs(src, "train")
+    names = _synset_names(src, wnids)
+    index = {w: i for i, w in enumerate(wnids)}
+    train = [Item(k, index[w], os.path.join(src, k)) for w in wnids for k in _files(src, os.path.join("train", w))]
+    splits = {"train": train}
+    if os.path.isdir(os.path.join(src, "val")):
+        labels, labels_file = _val_labels(src)
+        val = []
+        for k in _files(src, "val"):
+            stem = os.path.splitext(os.path.basename(k))[0]
+            if stem not in labels:
+                raise DataError(f"{labels_file}: no label for val image {k}")
+            wnid = labels[stem]
+            if wnid not in index:
+                raise DataError(f"{labels_file}: val image {stem} has label {wnid!r}, which is not a "
+                                f"class folder in {os.path.join(src, 'train')} ({len(wnids)} classes)")
+            val.append(Item(k, index[wnid], os.path.join(src, k)))
+        splits["val"] = val
+    return Source("imagenet", wnids, names, splits)
+
+
+def cifar(src, num_classes):
+    """The official python version (cifar-10-python.tar.gz / cifar-100-python.tar.gz, or the folder it
+    extracts to). Its batches are pickles by definition; we unpickle them allowing only numpy arrays."""
+    ten = num_classes == 10
+    files = {"train": [f"data_batch_{i}" for i in range(1, 6)] if ten else ["train"],
+             "test": ["test_batch"] if ten else ["test"]}
+    meta_file, names_key, labels_key = (("batches.meta", b"label_names", b"labels") if ten
+                                        else ("meta", b"fine_label_names", b"fine_labels"))
+    read = _cifar_reader(src, f"cifar-{num_classes}-batches-py" if ten else "cifar-100-python")
+    names = [n.decode() for n in read(meta_file)[names_key]]
+    if len(names) != num_classes:
+        raise DataError(f"{src}: {meta_file} lists {len(names)} classes; CIFAR-{num_classes} has {num_classes}")
+    splits = {}
+    for split, batches in files.items():
+        items = []
+        for b in batches:
+            d = read(b)
+            pixels = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            labels = d[labels_key]
+            _check_labels(labels, num_classes, f"{src}:{b}", labels_key.decode())
+            items += [Item(f"{b}[{i}]", int(y), p) for i, (y, p) in enumerate(zip(labels, pixels))]
+        splits[split] = items
+    return Source(f"cifar{num_classes}", names, names, splits)
+
+
+def svhn(src):
+    """Format 2 of SVHN (cropped digits): train_32x32.mat, test_32x32.mat, extra_32x32.mat (optional);
+    X is 32x32x3xN uint8 and y is Nx1 with 10 standing for the digit 0."""
+    from scipy.io import loadmat
+
+    src = _dir(src)
+    splits = {}
+    for split in ("train", "test", "extra"):
+        path = os.path.join(src, f"{split}_32x32.mat")
+        if not os.path.exists(path):
+            if split != "extra":
+                raise DataError(f"{path}: missing; SVHN needs train_32x32.mat and test_32x32.mat")
+            continue
+        mat = loadmat(path)
+        if "X" not in mat or "y" not in mat or mat["X"].ndim != 4 or mat["X"].shape[:3] != (32, 32, 3):
+            raise DataError(f"{path}: expected X of shape 32x32x3xN and y of shape Nx1 "
+                            f"(got {sorted(k for k in mat if not k.startswith('__'))})")
+        y = mat["y"].reshape(-1).astype(np.int64)
+        _check_labels(y, 11, path, "y", low=1)
+        pixels = mat["X"].transpose(3, 0, 1, 2)
+        splits[split] = [Item(f"{split}_32x32.mat[{i}]", int(label) % 10, p)
+                         for i, (label, p) in enumerate(zip(y, pixels))]
+    names = [str(d) for d in range(10)]
+    return Source("svhn", names, names, splits)
+
+
+def digits(seed=0, val_fraction=0.2):
+    """scikit-learn's bundled 8x8 digits (1797 real scans, offline), as 8-bit grayscale with a
+    seeded stratified train/val split: the small dataset for demos and tests."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    pixels = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]   # values 0..16 -> 0..255
+    train, val = train_test_split(np.arange(len(d.target)), test_size=val_fraction,
+                                  stratify=d.target, random_state=seed)
+    names = [str(c) for c in d.target_names]
+    splits = {s: [Item(f"digits[{i}]", int(d.target[i]), pixels[i]) for i in sorted(idx)]
+              for s, idx in (("train", train), ("val", val))}
+    return Source("digits", names, names, splits, channels=1)
+
+
+def _dir(src):
+    src = os.path.abspath(src)
+    if not os.path.isdir(src):
+        raise DataError(f"{src}: not a folder")
+    return src
+
+
+def _visible(name):
+    return not name.startswith(".")
+
+
+def _class_dirs(src, split):
+    folder = os.path.join(src, split)
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: missing; expected one folder per class in it")
+    classes = sorted(d for d in os.listdir(folder) if _visible(d) and os.path.isdir(os.path.join(folder, d)))
+    if not classes:
+        raise DataError(f"{folder}: no class folders; expected {split}/<class>/<image>")
+    return classes
+
+
+def _files(src, rel):
+    """Every visible file under src/rel (recursively, as torchvision's ImageFolder), sorted, as paths
+    relative to src. Anything that is not an image is rejected later, with its reason."""
+    out = []
+    for parent, dirs, files in os.walk(os.path.join(src, rel), followlinks=True):
+        dirs[:] = sorted(d for d in dirs if _visible(d))
+        out += [os.path.relpath(os.path.join(parent, f), src) for f in files if _visible(f)]
+    if not out:
+        raise DataError(f"{os.path.join(src, rel)}: empty class folder; remove it or add its images")
+    return sorted(out)
+
+
+def _check_labels(labels, n, where, field, low=0):
+    labels = np.asarray(labels)
+    bad = labels[(labels < low) | (labels >= n)] if len(labels) else labels
+    if len(bad):
+        raise DataError(f"{where}: field {field} holds {int(bad[0])}; expected {low}..{n - 1}")
+
+
+def _synset_names(src, wnids):
+    """Class names from LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca") when present."""
+    path = os.path.join(src, "LOC_synset_mapping.txt")
+    if not os.path.exists(path):
+        return list(wnids)
+    with open(path) as f:
+        mapping = dict(line.rstrip("\n").split(" ", 1) for line in f if line.strip())
+    return [mapping.get(w, w) for w in wnids]
+
+
+def _val_labels(src):
+    """{image stem: wnid} for val/ and the file it came from."""
+    devkit = os.path.join(src, "ILSVRC2012_devkit_t12", "data")
+    loc = os.path.join(src, "LOC_val_solution.csv")
+    if os.path.exists(loc):
+        with open(loc, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or rows[0][:2] != ["ImageId", "PredictionString"]:
+            raise DataError(f"{loc}: expected the header ImageId,PredictionString")
+        return {r[0]: r[1].split()[0] for r in rows[1:] if r}, loc
+    for folder in (src, devkit):
+        truth = os.path.join(folder, "ILSVRC2012_validation_ground_truth.txt")
+        if os.path.exists(truth):
+            meta = os.path.join(devkit, "meta.mat")
+            if not os.path.exists(meta):
+                raise DataError(f"{meta}: missing; {truth} labels by ILSVRC2012_ID, which the "
+                                "devkit's meta.mat maps to wnids")
+            ids = _devkit_ids(meta)
+            with open(truth) as f:
+                labels = [int(line) for line in f if line.strip()]
+            unknown = [i for i in labels if i not in ids]
+            if unknown:
+                raise DataError(f"{truth}: ILSVRC2012_ID {unknown[0]} is not a leaf synset in {meta}")
+            return {f"ILSVRC2012_val_{n:08d}": ids[i] for n, i in enumerate(labels, 1)}, truth
+    raise DataError(f"{src}: val/ has no labels; put LOC_val_solution.csv in SRC, or "
+                    "ILSVRC2012_validation_ground_truth.txt and ILSVRC2012_devkit_t12/data/meta.mat")
+
+
+def _devkit_ids(meta):
+    """{ILSVRC2012_ID: wnid} for the 1000 leaf synsets of the devkit's meta.mat."""
+    from scipy.io import loadmat
+
+    synsets = loadmat(meta, squeeze_me=True)["synsets"]
+    return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+
+
+class _NumpyOnly(pickle.Unpickler):
+    """CIFAR batches hold dicts, lists, bytes and numpy arrays; refuse anything else a pickle names."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise DataError(f"CIFAR batch refers to {module}.{name}; the official files hold only "
+                            "numpy arrays, lists and bytes")
+        return super().find_class(module, name)
+
+
+def _cifar_reader(src, folder):
+    """read(name) -> the unpickled batch `name`, from the tar.gz or the extracted folder."""
+    if os.path.isdir(src):
+        base = os.path.join(src, folder) if os.path.isdir(os.path.join(src, folder)) else src
+
+        def read(name):
+            path = os.path.join(base, name)
+            if not os.path.exists(path):
+                raise DataError(f"{path}: missing from the CIFAR python-version folder")
+            with open(path, "rb") as f:
+                return _NumpyOnly(f, encoding="bytes").load()
+        return read
+    if not tarfile.is_tarfile(src):
+        raise DataError(f"{src}: neither the official python-version tar.gz nor its extracted folder")
+    tar = tarfile.open(src)
+
+    def read(name):
+        try:
+            return _NumpyOnly(tar.extractfile(f"{folder}/{name}"), encoding="bytes").load()
+        except KeyError:
+            raise DataError(f"{src}: no member {folder}/{name}; is this the python version?") from None
+    return read

@@ -1,0 +1,198 @@
+"""Sources to shards: shuffle with a seed, plan shards, convert them in parallel Ray tasks, then
+write rejects.jsonl and, last, the manifest (a folder without dataset.json is an unfinished run).
+
+    from densenet_ray.data import sources, write
+    summary = write.convert(sources.imagenet("/datasets/ILSVRC2012"), "s3://bucket/imagenet-512",
+                            max_side=512)
+
+One Ray task per shard: it reads its source files, checks and converts every image, and writes
+its Parquet file straight to the destination, so a conversion scales with the cluster's CPUs.
+"""
+
+import datetime
+import hashlib
+import json
+import math
+import posixpath
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from .images import Rejected, channel_histograms, encode_array, mean_std, prepare
+from .manifest import MANIFEST, REJECTS, SCHEMA, DataError, Manifest, Shard, Split, filesystem, write_manifest
+
+SHARD_MB = 200       # object stores stream 100-250 MB objects well
+ROW_GROUP_MB = 8     # unit of a Parquet read; small groups keep reader memory low
+MIN_SHARDS = 8       # a split is read by at most one task per shard: keep small splits parallel...
+MIN_SHARD_ROWS = 256  # ...but never cut it finer than this
+
+
+def convert(source, out, *, shard_mb=SHARD_MB, max_side=None, quality=90, seed=0, holdout=0,
+            overwrite=False, progress=True, command=""):
+    """Write `source` (a sources.Source) as a dataset folder at `out` (local path or URI).
+
+    holdout: move this many seeded-random train images to a new "val" split (the paper holds out
+    5,000 CIFAR and 6,000 SVHN training images). Returns {split: {written, converted, rejected,
+    shards}}; rejected source files are listed in OUT/rejects.jsonl with their reason.
+    """
+    out = str(out).rstrip("/")
+    fs, base = filesystem(out)
+    if fs.get_file_info(posixpath.join(base, MANIFEST)).type != pafs.FileType.NotFound and not overwrite:
+        raise DataError(f"{out}/{MANIFEST}: a dataset is already here; pass --overwrite to replace it")
+    splits = _holdout(source.splits, holdout, seed)
+    opts = {"channels": source.channels, "max_side": max_side, "quality": quality}
+    rng = np.random.default_rng(seed)
+    plans = []   # (split, shard file, items)
+    for split, items in splits.items():
+        # One seeded permutation per split: every shard mixes all classes.
+        items = [items[i] for i in rng.permutation(len(items))]
+        n = _num_shards(items, shard_mb, opts, rng)
+        for i, idx in enumerate(np.array_split(np.arange(len(items)), n)):
+            plans.append((split, f"{split}/{split}-{i:05d}.parquet", [items[j] for j in idx]))
+
+    if not ray.is_initialized():
+        ray.init()
+    counter = _Progress.remote()
+    refs = [_write_shard.remote(items, fs, base, file, opts, len(source.wnids), split == "train", counter)
+            for split, file, items in plans]
+    _wait(refs, counter, sum(len(p[2]) for p in plans), progress)
+    results = ray.get(refs)
+
+    summary, split_info, rejects = {}, {}, []
+    for split in splits:
+        mine = [r for (s, _, _), r in zip(plans, results) if s == split]
+        rejects += [{"split": split, **r} for res in mine for r in res["rejects"]]
+        written = [r for r in mine if r["rows"]]
+        sizes = {r["image_size"] for r in written}
+        split_info[split] = Split(
+            rows=sum(r["rows"] for r in written),
+            shards=tuple(Shard(r["file"], r["rows"], r["bytes"], r["sha256"]) for r in written),
+            class_counts=tuple(int(c) for c in sum(r["class_counts"] for r in written)) if written
+            else (0,) * len(source.wnids),
+            image_size=sizes.pop() if len(sizes) == 1 else None)
+        summary[split] = {"written": split_info[split].rows, "converted": sum(r["converted"] for r in mine),
+                          "rejected": sum(len(r["rejects"]) for r in mine), "shards": len(written)}
+    hist = sum(r["hist"] for (s, _, _), r in zip(plans, results) if s == "train")
+    if not summary.get("train", {}).get("written"):
+        raise DataError(f"{out}: no train image could be stored; see {out}/{REJECTS}")
+    mean, std = mean_std(hist)
+
+    with fs.open_output_stream(posixpath.join(base, REJECTS)) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rejects).encode())
+    created = {"command": command, "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "source": source.name, "seed": seed, "max_side": max_side, "jpeg_quality": quality,
+               "shard_mb": shard_mb, "holdout": holdout, "counts": summary}
+    write_manifest(Manifest(root=out, name=source.name, classes=tuple(source.classes),
+                            wnids=tuple(source.wnids), channels=source.channels, mean=mean, std=std,
+                            splits=split_info, created=created))
+    return summary
+
+
+def prepare_item(item, channels, max_side, quality):
+    """(stored bytes, pixels, converted) for a sources.Item, or raise Rejected."""
+    if isinstance(item.payload, np.ndarray):
+        return *encode_array(item.payload), False
+    try:
+        with open(item.payload, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise Rejected(f"unreadable: {e.strerror or e}") from None
+    return prepare(data, channels=channels, max_side=max_side, quality=quality)
+
+
+def _holdout(splits, n, seed):
+    if not n:
+        return splits
+    if "val" in splits:
+        raise DataError(f"--holdout {n}: this source already has a val split")
+    train = splits["train"]
+    if not 0 < n < len(train):
+        raise DataError(f"--holdout {n}: expected 1..{len(train) - 1} (train has {len(train)} images)")
+    order = np.random.default_rng([seed, 1]).permutation(len(train))
+    return {"train": [train[i] for i in sorted(order[n:])], "val": [train[i] for i in sorted(order[:n])],
+            **{k: v for k, v in splits.items() if k != "train"}}
+
+
+def _num_shards(items, shard_mb, opts, rng):
+    """Enough shards of about shard_mb, from the stored size of a few sampled images."""
+    sizes = []
+    for i in rng.choice(len(items), min(16, len(items)), replace=False):
+        try:
+            sizes.append(len(prepare_item(items[i], **opts)[0]))
+        except Rejected:
+            pass
+    by_size = math.ceil(np.mean(sizes) * len(items) / (shard_mb * 2**20)) if sizes else 1
+    return max(1, by_size, min(MIN_SHARDS, len(items) // MIN_SHARD_ROWS))
+
+
+@ray.remote(num_cpus=0)
+class _Progress:
+    def __init__(self):
+        self.done = 0
+
+    def add(self, n):
+        self.done += n
+
+    def get(self):
+        return self.done
+
+
+@ray.remote(num_cpus=1)
+def _write_shard(items, fs, base, file, opts, num_classes, with_stats, counter):
+    cols = {name: [] for name in SCHEMA.names}
+    rejects, converted = [], 0
+    hist = np.zeros((opts["channels"], 256), np.int64)
+    for n, item in enumerate(items, 1):
+        try:
+            stored, pixels, was_converted = prepare_item(item, **opts)
+        except Rejected as e:
+            rejects.append({"path": item.key, "reason": str(e)})
+        else:
+            for name, value in zip(SCHEMA.names, (stored, item.label, item.key, *pixels.shape[:2])):
+                cols[name].append(value)
+            converted += was_converted
+            if with_stats:
+                hist += channel_histograms(pixels)
+        if n % 64 == 0 or n == len(items):
+            counter.add.remote(n % 64 or 64)
+    result = {"file": file, "rows": len(cols["label"]), "rejects": rejects, "converted": converted,
+              "hist": hist, "class_counts": np.bincount(np.asarray(cols["label"], dtype=np.int64), minlength=num_classes)}
+    if not result["rows"]:
+        return result
+    table = pa.table(cols, schema=SCHEMA)
+    buf = pa.BufferOutputStream()
+    per_row = max(1, table.nbytes // table.num_rows)
+    pq.write_table(table, buf, row_group_size=max(16, ROW_GROUP_MB * 2**20 // per_row), compression="none",
+                   write_statistics=["label", "height", "width"])   # image bytes: no stats, no compression
+    data = buf.getvalue()
+    path = posixpath.join(base, file)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+    sizes = set(zip(cols["height"], cols["width"]))
+    return {**result, "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest(),
+            "image_size": sizes.pop() if len(sizes) == 1 else None}
+
+
+def _wait(refs, counter, total, show):
+    """Block until every shard task is done, drawing one line: images, images/s, ETA."""
+    start, last = time.monotonic(), 0.0
+    tty = sys.stderr.isatty()
+    while True:
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=0.5)
+        now = time.monotonic()
+        if show and (not pending or tty or now - last > 30):
+            done = ray.get(counter.get.remote()) if pending else total
+            rate = done / max(now - start, 1e-9)
+            eta = (total - done) / rate if rate else float("inf")
+            eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
+            print(f"\r  {done:,}/{total:,} images  {rate:,.0f} img/s  ETA {eta_s}   ",
+                  end="" if tty and pending else "\n", file=sys.stderr, flush=True)
+            last = now
+        if not pending:
+            return
