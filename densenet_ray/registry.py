@@ -1,0 +1,143 @@
+"""The model registry: a run's final model logged without pickle, registered as a new version
+with the alias `candidate`, and `champion` while it has the lowest validation top-1 error.
+
+    version = run.log_and_register_model(model, registered_name="densenet121-imagenet",
+                                         input_example=images[:2], val_top1_err=0.253)  # RunLogger
+    model = load_registered_model("models:/densenet121-imagenet@champion")
+    logits = model(images)  # float32 NCHW, normalised like the training data, any batch size
+
+or, from any MLflow client, on numpy arrays:
+    mlflow.pyfunc.load_model("models:/densenet121-imagenet@champion").predict(images)
+
+Model format. `mlflow.pytorch.log_model(serialization_format="pt2")` runs torch.export on the model
+(batch dimension dynamic, channels and image size fixed at the example's) and stores the
+ExportedProgram archive `data/model.pt2`: the graph as JSON, the weights as raw tensor bytes and
+the example input as a tensors-only record that loads with torch.load(weights_only=True). Nothing
+in it needs pickle, so `load_registered_model` turns MLflow's pickle deserialization off
+(MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false): MLflow then checks every record of the archive before
+torch.export.load, and refuses a model pickled whole (`data/model.pth`, what MLflow 2 and
+Databricks write) unless the caller passes trust_pickle=True. Passed over: the pickle flavour
+(runs any code on load); a models-from-code pyfunc with a safetensors file (ships our source with
+every version, needs densenet_ray importable wherever it loads, and `mlflow.pytorch.load_model`
+would not give a torch module). The price: the exported module is traced in eval mode (BatchNorm
+uses its running statistics) and torch refuses `.train()`/`.eval()` on it; fine-tune from the
+training checkpoint instead.
+"""
+
+import copy
+import importlib.metadata
+import os
+import tempfile
+from contextlib import contextmanager
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from densenet_ray.tracking_uri import TrackingError, resolve_tracking_uri, temporary_env
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+ERROR_TAG = "val_top1_err"  # version tag the champion is judged by (lower is better)
+
+
+def log_and_register(client: MlflowClient, uri: str, experiment_id: str, run_id: str,
+                     model: torch.nn.Module, *, registered_name: str, input_example,
+                     val_top1_err: float, extra: dict) -> int:
+    """Log `model` to run `run_id` as pt2, register it as a new version of `registered_name`
+    tagged val_top1_err and `extra`, move `candidate` to it and `champion` too when it beats
+    the champion's val_top1_err. Returns the version number."""
+    example = _example(input_example)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    model = copy.deepcopy(model).cpu().eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+
+    # MLflow's log_model, and its SQL registry store when it checks the new version's source,
+    # use the global tracking URI, whatever `client` was made with.
+    with _global_tracking_uri(uri):
+        logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+        info = mlflow.pytorch.log_model(
+            model, name="model", model_id=logged.model_id, run_id=run_id,
+            serialization_format="pt2", input_example=example,
+            signature=infer_signature(example, output),
+            # Given, not inferred: inference loads the model in a subprocess (seconds).
+            pip_requirements=[f"torch=={importlib.metadata.version('torch')}"],
+            # Re-runs the model through pyfunc on the example (seconds); the tests check the
+            # registered model's outputs instead.
+            validate_serving_input=False)
+        try:
+            client.create_registered_model(registered_name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        tags = {ERROR_TAG: repr(float(val_top1_err)), **{k: str(v) for k, v in extra.items()}}
+        version = client.create_model_version(registered_name, source=info.model_uri,
+                                              run_id=run_id, tags=tags,
+                                              model_id=info.model_id).version
+    client.set_registered_model_alias(registered_name, CANDIDATE, version)
+    champion_err = _champion_error(client, registered_name)
+    if champion_err is None or float(val_top1_err) < champion_err:
+        client.set_registered_model_alias(registered_name, CHAMPION, version)
+    return int(version)
+
+
+def _example(images) -> np.ndarray:
+    """The input example as float32 NCHW with at least two images: torch.export makes a
+    batch dimension of size 1 static, and the registered model must take any batch size."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.float32 or images.shape[0] < 1:
+        raise ValueError(f"input_example: expected normalised images as a float32 array of shape "
+                         f"(N, C, H, W), got {images.dtype} {images.shape}")
+    return np.concatenate([images, images])[:2] if len(images) == 1 else images
+
+
+def _champion_error(client: MlflowClient, name: str) -> float | None:
+    """val_top1_err of the current champion, None when there is none. A champion without the
+    tag (set by hand) counts as -inf: it stays, as nothing says it is worse."""
+    version = client.get_registered_model(name).aliases.get(CHAMPION)
+    if version is None:
+        return None
+    champion = client.get_model_version(name, version)
+    return float(champion.tags.get(ERROR_TAG, "-inf"))
+
+
+@contextmanager
+def _global_tracking_uri(uri: str):
+    """MLflow's own helper for this (what mlflow.artifacts uses), plus the MLFLOW_TRACKING_URI
+    variable, which set_tracking_uri overwrites for subprocesses and does not put back."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with temporary_env(MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI")), \
+            _use_tracking_uri(uri):
+        yield
+
+
+def load_registered_model(model_uri: str, *, tracking_uri: str | None = None,
+                          trust_pickle: bool = False) -> torch.nn.Module:
+    """The torch module of `model_uri` ("models:/NAME@ALIAS", "models:/NAME/VERSION") from
+    `tracking_uri` (default: resolve_tracking_uri()). A model that needs pickle to load is
+    refused with a TrackingError unless `trust_pickle` (the --trust-pickle flag)."""
+    tracking_uri = tracking_uri or resolve_tracking_uri(None)
+    # MLflow resolves models:/ with the global registry URI, whatever it is passed.
+    with (tempfile.TemporaryDirectory() as tmp, _global_tracking_uri(tracking_uri),
+          temporary_env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION=str(trust_pickle).lower())):
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        except MlflowException as e:
+            raise TrackingError(f"cannot fetch model {model_uri} from {tracking_uri}: "
+                                f"{e.message}") from None
+        try:
+            return mlflow.pytorch.load_model(local)
+        except MlflowException as e:
+            if trust_pickle or "pickle" not in e.message:
+                raise
+            raise TrackingError(f"model {model_uri} needs pickle to load, which can run any code "
+                                "its author put in it; pass --trust-pickle (trust_pickle=True) "
+                                "only if you trust who logged it") from None
