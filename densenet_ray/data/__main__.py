@@ -41,7 +41,7 @@ READERS = {
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m densenet_ray.data", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m densenet_ray.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="write a dataset folder of Parquet shards")
@@ -53,7 +53,7 @@ def parser():
         k.add_argument("out", help="the dataset folder to write: a local path or URI (file://, s3://)")
         if kind == "imagefolder":
             k.add_argument("--splits", help="comma-separated split folders to convert (default: all)")
-        k.add_argument("--shard-mb", type=int, default=SHARD_MB, help="target shard size in MiB (default %(default)s)")
+        k.add_argument("--shard-mb", type=float, default=SHARD_MB, help="target shard size in MiB (default %(default)s)")
         k.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds N pixels, keeping aspect")
         k.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default %(default)s)")
         k.add_argument("--seed", type=int, default=0, help="row shuffle and split seed (default %(default)s)")

@@ -56,10 +56,11 @@ def filesystem(root):
 
 @dataclass(frozen=True)
 class Shard:
-    file: str      # relative to the dataset root, "/"-separated
+    file: str         # relative to the dataset root, "/"-separated
     rows: int
     bytes: int
     sha256: str
+    row_groups: int   # the reader's unit of work
 
 
 @dataclass(frozen=True)
@@ -197,9 +198,10 @@ def _parse(doc, root, where):
                 bad(f"{at}shards[{i}].file", f, "a path inside the dataset folder")
             rows, size = need(sh, "rows", int, f"{at}shards[{i}]."), need(sh, "bytes", int, f"{at}shards[{i}].")
             digest = need(sh, "sha256", str, f"{at}shards[{i}].")
-            if rows < 0 or size <= 0 or not re.fullmatch(r"[0-9a-f]{64}", digest):
-                bad(f"{at}shards[{i}]", sh, "rows >= 0, bytes > 0 and a hex sha256")
-            shards.append(Shard(f, rows, size, digest))
+            groups = need(sh, "row_groups", int, f"{at}shards[{i}].")
+            if rows < 0 or size <= 0 or groups < 0 or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                bad(f"{at}shards[{i}]", sh, "rows >= 0, bytes > 0, row_groups >= 0 and a hex sha256")
+            shards.append(Shard(f, rows, size, digest, groups))
         rows = need(s, "rows", int, at)
         if rows != sum(sh.rows for sh in shards):
             bad(f"{at}rows", rows, f"the sum of its shards' rows, {sum(sh.rows for sh in shards)}")
@@ -244,8 +246,9 @@ def check_footer(fs, base, m, shard):
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{where}: not a readable Parquet file (broken footer?): {e}") from e
     check_schema(meta.schema.to_arrow_schema(), where)
-    if meta.num_rows != shard.rows:
-        raise DataError(f"{where}: {meta.num_rows} rows; {MANIFEST} says {shard.rows}")
+    if (meta.num_rows, meta.num_row_groups) != (shard.rows, shard.row_groups):
+        raise DataError(f"{where}: {meta.num_rows} rows in {meta.num_row_groups} row groups; "
+                        f"{MANIFEST} says {shard.rows} in {shard.row_groups}")
     col = meta.schema.to_arrow_schema().get_field_index("label")
     for g in range(meta.num_row_groups):
         st = meta.row_group(g).column(col).statistics

@@ -144,4 +144,4 @@ def _resize(a, hw):
         warnings.simplefilter("ignore", UserWarning)
         x = torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0)
     y = torch.nn.functional.interpolate(x, size=tuple(hw), mode="bilinear", antialias=True, align_corners=False)
-    return y[0].permute(1, 2, 0).numpy()
+    return y.contiguous(memory_format=torch.channels_last)[0].permute(1, 2, 0).numpy()   # HWC in memory too

@@ -27,9 +27,8 @@ from .images import Rejected, channel_histograms, encode_array, mean_std, prepar
 from .manifest import MANIFEST, REJECTS, SCHEMA, DataError, Manifest, Shard, Split, filesystem, write_manifest
 
 SHARD_MB = 200       # object stores stream 100-250 MB objects well
-ROW_GROUP_MB = 8     # unit of a Parquet read; small groups keep reader memory low
-MIN_SHARDS = 8       # a split is read by at most one task per shard: keep small splits parallel...
-MIN_SHARD_ROWS = 256  # ...but never cut it finer than this
+ROW_GROUP_MB = 8     # the reader's unit of work and of per-epoch shuffling (~70 ImageNet images)
+MIN_ROW_GROUPS = 8   # per shard, so that even a split smaller than one shard is read by 8 tasks
 
 
 def convert(source, out, *, shard_mb=SHARD_MB, max_side=None, quality=90, seed=0, holdout=0,
@@ -71,7 +70,7 @@ def convert(source, out, *, shard_mb=SHARD_MB, max_side=None, quality=90, seed=0
         sizes = {r["image_size"] for r in written}
         split_info[split] = Split(
             rows=sum(r["rows"] for r in written),
-            shards=tuple(Shard(r["file"], r["rows"], r["bytes"], r["sha256"]) for r in written),
+            shards=tuple(Shard(r["file"], r["rows"], r["bytes"], r["sha256"], r["row_groups"]) for r in written),
             class_counts=tuple(int(c) for c in sum(r["class_counts"] for r in written)) if written
             else (0,) * len(source.wnids),
             image_size=sizes.pop() if len(sizes) == 1 else None)
@@ -126,8 +125,7 @@ def _num_shards(items, shard_mb, opts, rng):
             sizes.append(len(prepare_item(items[i], **opts)[0]))
         except Rejected:
             pass
-    by_size = math.ceil(np.mean(sizes) * len(items) / (shard_mb * 2**20)) if sizes else 1
-    return max(1, by_size, min(MIN_SHARDS, len(items) // MIN_SHARD_ROWS))
+    return max(1, math.ceil(np.mean(sizes) * len(items) / (shard_mb * 2**20)) if sizes else 1)
 
 
 @ray.remote(num_cpus=0)
@@ -166,8 +164,9 @@ def _write_shard(items, fs, base, file, opts, num_classes, with_stats, counter):
         return result
     table = pa.table(cols, schema=SCHEMA)
     buf = pa.BufferOutputStream()
-    per_row = max(1, table.nbytes // table.num_rows)
-    pq.write_table(table, buf, row_group_size=max(16, ROW_GROUP_MB * 2**20 // per_row), compression="none",
+    group_rows = max(1, min(ROW_GROUP_MB * 2**20 // max(1, table.nbytes // table.num_rows),
+                            math.ceil(table.num_rows / MIN_ROW_GROUPS)))
+    pq.write_table(table, buf, row_group_size=group_rows, compression="none",
                    write_statistics=["label", "height", "width"])   # image bytes: no stats, no compression
     data = buf.getvalue()
     path = posixpath.join(base, file)
@@ -176,6 +175,7 @@ def _write_shard(items, fs, base, file, opts, num_classes, with_stats, counter):
         f.write(data)
     sizes = set(zip(cols["height"], cols["width"]))
     return {**result, "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest(),
+            "row_groups": math.ceil(table.num_rows / group_rows),
             "image_size": sizes.pop() if len(sizes) == 1 else None}
 
 
