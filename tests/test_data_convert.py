@@ -296,7 +296,7 @@ def test_digits(tmp_path):
 
 
 @pytest.mark.parametrize("break_it, message", [
-    (lambda src: os.makedirs(src / "train" / "empty"), "empty class folder"),
+    (lambda src: os.makedirs(src / "train" / "empty"), "train/empty: empty folder"),
     (lambda src: os.makedirs(src / "val" / "shark") or (src / "val" / "shark" / "x.jpg").write_bytes(b"x"),
      "class 'shark' is in val/ but not in train/"),
 ])

@@ -17,6 +17,7 @@ from sklearn.datasets import load_sample_images
 from densenet_ray import data
 from densenet_ray.data.__main__ import main
 from densenet_ray.data.manifest import SCHEMA, Manifest, Shard, Split, write_manifest
+from densenet_ray.data.verify import verify
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -146,6 +147,9 @@ def test_rows_that_fail_to_decode_are_skipped_and_counted(tmp_path):
     assert data.skipped_rows(str(tmp_path), "train") == 3
     rows(data.read_split(tmp_path, "train", "none", with_keys=True))   # a second epoch
     assert data.skipped_rows(str(tmp_path), "train") == 6
+    problems, _ = verify(tmp_path)   # and verify names each bad row
+    assert [p.split("(key ")[1].split(")")[0] for p in problems] == ["r3", "r7", "r8"]
+    assert "truncated or corrupt: starts like a PNG" in problems[0] and "empty file" in problems[1] and "not an image" in problems[2]
 
 
 @pytest.fixture(scope="module")

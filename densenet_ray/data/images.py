@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 KEPT_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG"}   # what we store as the source's bytes
+MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF", b"BM": "BMP",
+         b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "WebP"}   # to tell damaged images from non-images
 
 
 class Rejected(Exception):
@@ -83,6 +85,10 @@ def open_image(data):
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise Rejected(f"decompression bomb: {e}") from None
         except UnidentifiedImageError:
+            kind = next((k for magic, k in MAGIC.items() if bytes(data[:len(magic)]) == magic), None)
+            if kind:
+                raise Rejected(f"truncated or corrupt: starts like a {kind} but Pillow cannot open it "
+                               f"({len(data)} bytes)") from None
             raise Rejected(f"not an image: Pillow knows no format starting {bytes(data[:12])!r}") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise Rejected(f"truncated or corrupt: {e}") from None

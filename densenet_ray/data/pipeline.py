@@ -32,6 +32,7 @@ import ray
 from PIL import Image
 from ray.train import DataConfig
 
+from .counter import Counter
 from .manifest import DataError, load_manifest
 from .transforms import RANDOM, TRANSFORMS, output_shape
 
@@ -65,6 +66,8 @@ def read_split(root, split, transform, *, image_size=None, shuffle=None, with_ke
                         f"{transform!r} needs image_size=N to give batches one shape")
     fs, paths = m.shard_paths(split)
     units = [{"path": p, "row_group": g} for p, sh in zip(paths, info.shards) for g in range(sh.row_groups)]
+    if not units:
+        raise DataError(f"{m.root}: split {split!r} has no rows")
     ds = ray.data.from_items(units, override_num_blocks=len(units))   # one block, one task per unit
     if transform in RANDOM if shuffle is None else shuffle:
         ds = ds.randomize_block_order()   # a new order every execution, i.e. every epoch
@@ -119,7 +122,7 @@ def dataset_config(equal=("train",)):
     Datasets named in `equal` (training) go through streaming_split(n, equal=True): every block
     goes to exactly one worker, so shares are disjoint, and all workers get the same number of
     rows, so DDP steps stay in lockstep; to equalise, Ray drops fewer than n rows per epoch, and
-    with files read in a new order every epoch they are different rows each time. Every other
+    with row groups read in a new order every epoch they are different rows each time. Every other
     dataset ("val", "test") goes through streaming_split(n, equal=False): disjoint and complete,
     so evaluation sees every image exactly once across workers (shares may differ by a few
     blocks, so evaluation must not run collectives per batch: sum the counts once at the end).
@@ -148,22 +151,10 @@ class _Shares(DataConfig):
         return out
 
 
-@ray.remote(num_cpus=0)
-class _Count:
-    def __init__(self):
-        self.n = 0
-
-    def add(self, n):
-        self.n += n
-
-    def get(self):
-        return self.n
-
-
 def _counter_name(root, split):
     return "densenet_ray.data.skipped." + hashlib.sha1(f"{root.rstrip('/')}|{split}".encode()).hexdigest()[:16]
 
 
 def _counter(root, split):
     """The job's named counter actor for (root, split); owned by whoever calls read_split first."""
-    return _Count.options(name=_counter_name(root, split), get_if_exists=True).remote()
+    return Counter.options(name=_counter_name(root, split), get_if_exists=True).remote()

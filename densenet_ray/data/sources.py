@@ -179,7 +179,8 @@ def _files(src, rel):
         dirs[:] = sorted(d for d in dirs if _visible(d))
         out += [os.path.relpath(os.path.join(parent, f), src) for f in files if _visible(f)]
     if not out:
-        raise DataError(f"{os.path.join(src, rel)}: empty class folder; remove it or add its images")
+        raise DataError(f"{os.path.join(src, rel)}: empty folder; a class folder (or ImageNet's val/) "
+                        "needs images: remove it or add them")
     return sorted(out)
 
 

@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from .counter import Counter
 from .images import Rejected, channel_histograms, encode_array, mean_std, prepare
 from .manifest import MANIFEST, REJECTS, SCHEMA, DataError, Manifest, Shard, Split, filesystem, write_manifest
 
@@ -56,33 +57,23 @@ def convert(source, out, *, shard_mb=SHARD_MB, max_side=None, quality=90, seed=0
 
     if not ray.is_initialized():
         ray.init()
-    counter = _Progress.remote()
+    counter = Counter.remote()
     refs = [_write_shard.remote(items, fs, base, file, opts, len(source.wnids), split == "train", counter)
             for split, file, items in plans]
     _wait(refs, counter, sum(len(p[2]) for p in plans), progress)
     results = ray.get(refs)
 
-    summary, split_info, rejects = {}, {}, []
-    for split in splits:
-        mine = [r for (s, _, _), r in zip(plans, results) if s == split]
-        rejects += [{"split": split, **r} for res in mine for r in res["rejects"]]
-        written = [r for r in mine if r["rows"]]
-        sizes = {r["image_size"] for r in written}
-        split_info[split] = Split(
-            rows=sum(r["rows"] for r in written),
-            shards=tuple(Shard(r["file"], r["rows"], r["bytes"], r["sha256"], r["row_groups"]) for r in written),
-            class_counts=tuple(int(c) for c in sum(r["class_counts"] for r in written)) if written
-            else (0,) * len(source.wnids),
-            image_size=sizes.pop() if len(sizes) == 1 else None)
-        summary[split] = {"written": split_info[split].rows, "converted": sum(r["converted"] for r in mine),
-                          "rejected": sum(len(r["rejects"]) for r in mine), "shards": len(written)}
-    hist = sum(r["hist"] for (s, _, _), r in zip(plans, results) if s == "train")
-    if not summary.get("train", {}).get("written"):
-        raise DataError(f"{out}: no train image could be stored; see {out}/{REJECTS}")
-    mean, std = mean_std(hist)
-
+    by_split = {split: [r for (s, _, _), r in zip(plans, results) if s == split] for split in splits}
+    split_info = {split: _split(mine, len(source.wnids)) for split, mine in by_split.items()}
+    summary = {split: {"written": split_info[split].rows, "converted": sum(r["converted"] for r in mine),
+                       "rejected": sum(len(r["rejects"]) for r in mine), "shards": len(split_info[split].shards)}
+               for split, mine in by_split.items()}
+    rejects = [{"split": split, **r} for split, mine in by_split.items() for res in mine for r in res["rejects"]]
     with fs.open_output_stream(posixpath.join(base, REJECTS)) as f:
         f.write("".join(json.dumps(r) + "\n" for r in rejects).encode())
+    if not split_info["train"].rows:
+        raise DataError(f"{out}: no train image could be stored; see {out}/{REJECTS}")
+    mean, std = mean_std(sum(r["hist"] for r in by_split["train"]))
     created = {"command": command, "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "source": source.name, "seed": seed, "max_side": max_side, "jpeg_quality": quality,
                "shard_mb": shard_mb, "holdout": holdout, "counts": summary}
@@ -90,6 +81,16 @@ def convert(source, out, *, shard_mb=SHARD_MB, max_side=None, quality=90, seed=0
                             wnids=tuple(source.wnids), channels=source.channels, mean=mean, std=std,
                             splits=split_info, created=created))
     return summary
+
+
+def _split(results, num_classes):
+    """The manifest's Split from its shard tasks' results (shards that kept no row are left out)."""
+    written = [r for r in results if r["rows"]]
+    sizes = {r["image_size"] for r in written}
+    return Split(rows=sum(r["rows"] for r in written),
+                 shards=tuple(Shard(r["file"], r["rows"], r["bytes"], r["sha256"], r["row_groups"]) for r in written),
+                 class_counts=tuple(int(c) for c in sum((r["class_counts"] for r in written), np.zeros(num_classes))),
+                 image_size=sizes.pop() if len(sizes) == 1 else None)
 
 
 def prepare_item(item, channels, max_side, quality):
@@ -126,18 +127,6 @@ def _num_shards(items, shard_mb, opts, rng):
         except Rejected:
             pass
     return max(1, math.ceil(np.mean(sizes) * len(items) / (shard_mb * 2**20)) if sizes else 1)
-
-
-@ray.remote(num_cpus=0)
-class _Progress:
-    def __init__(self):
-        self.done = 0
-
-    def add(self, n):
-        self.done += n
-
-    def get(self):
-        return self.done
 
 
 @ray.remote(num_cpus=1)
