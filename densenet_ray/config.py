@@ -1,0 +1,286 @@
+"""One frozen dataclass describes a training run; presets are named instances of it.
+
+    from densenet_ray.config import PRESETS, from_args
+    cfg = from_args(["imagenet", "--workers", "8", "--gpus-per-worker", "1"])
+    cfg = PRESETS["cifar10"].replace(epochs=10)
+
+Every field is a command-line flag (`--batch-size 512`, `--channels-last`, `--lr-milestones 0.5,0.75`),
+generated from the dataclass and type-checked; `python -m densenet_ray.train PRESET --help` lists them
+with the preset's values. Dataset differences live here, in the presets, not in the training loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import time
+import types
+import typing
+from dataclasses import dataclass, field, fields
+
+HOME = os.path.expanduser(os.environ.get("DENSENET_RAY_HOME", "~/.densenet_ray"))
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _f(default, help: str):
+    """A field with its --help text: every parameter is typed, documented and validated here."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Paper recipe (section 4.2): SGD, Nesterov momentum 0.9 without dampening,
+    weight decay 1e-4, lr 0.1 divided by 10 at the milestones."""
+
+    preset: str = _f("imagenet", "the recipe these values came from")
+    # data: a dataset folder made by `python -m densenet_ray.data convert ...`
+    data: str = _f(os.path.join(HOME, "data", "imagenet"), "dataset folder or URI (s3://, file://)")
+    train_split: str = _f("train", "split to train on; 'a+b' joins splits")
+    val_split: str = _f("val", "split evaluated after every epoch")
+    train_transform: str = _f("imagenet_train", "imagenet_train, cifar_train or none")
+    eval_transform: str = _f("imagenet_eval", "imagenet_eval or none")
+    image_size: int | None = _f(224, "pixels, the side the transforms produce; None: as stored")
+    num_classes: int | None = _f(None, "None: from the dataset manifest; otherwise must match it")
+    # model: an arch name (densenet121, densenet_bc100_k12, ...); the fields below override it
+    arch: str = _f("densenet121", "densenet121/161/169/201/264, densenet_bc100_k12, ..., or densenet/densenet_bc with --depth and --growth-rate")
+    depth: int | None = _f(None, "L, for CIFAR-style archs (three equal blocks)")
+    growth_rate: int | None = _f(None, "k, feature maps each layer adds; None: the arch's")
+    compression: float | None = _f(None, "theta in (0, 1] at transitions; None: the arch's")
+    bottleneck: bool | None = _f(None, "DenseNet-B: 1x1 conv to 4k maps before each 3x3")
+    drop_rate: float = _f(0.0, "dropout after each conv; the paper's 0.2 without augmentation")
+    memory_efficient: bool = _f(False, "recompute concatenations and BN-ReLU in backward: memory linear in depth")
+    # optimisation
+    epochs: int = _f(90, "passes over the train split")
+    batch_size: int = _f(256, "global, across all workers")
+    lr: float = _f(0.1, "at reference_batch images; scaled linearly to batch_size (Goyal et al.)")
+    reference_batch: int = _f(256, "the recipe's global batch")
+    warmup_epochs: float = _f(5.0, "linear warm-up, only when batch_size > reference_batch")
+    lr_milestones: tuple[float, ...] = _f((1 / 3, 2 / 3), "fractions of epochs where lr /= 10")
+    momentum: float = _f(0.9, "Nesterov momentum, no dampening")
+    weight_decay: float = _f(1e-4, "L2 penalty on every weight")
+    # systems
+    workers: int = _f(2, "data-parallel training workers (Ray actors)")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved by each worker")
+    gpus_per_worker: float = _f(0.0, "GPUs per worker; 0 trains on CPUs (gloo), more on GPUs (NCCL)")
+    precision: str = _f("fp32", "fp32, bf16 or fp16 autocast (fp16 with a gradient scaler)")
+    channels_last: bool = _f(False, "NHWC memory format (faster convolutions with AMP on GPUs)")
+    compile: bool = _f(False, "torch.compile the model")
+    shuffle_buffer: int = _f(1024, "rows in each worker's local shuffle buffer")
+    seed: int = _f(0, "initial weights and per-epoch dropout")
+    # storage and tracking
+    storage: str = _f(os.path.join(HOME, "runs"), "checkpoints; shared (s3://, NFS) on multi-node clusters")
+    run_name: str | None = _f(None, "None: PRESET-ARCH-TIMESTAMP; the same name and storage resume a run")
+    max_failures: int = _f(2, "worker/node failures survived, each resuming from the last checkpoint")
+    mlflow_tracking_uri: str | None = _f(None, "None: $MLFLOW_TRACKING_URI, else the embedded SQLite store")
+    experiment: str = _f("densenet_ray", "MLflow experiment")
+    registered_model: str | None = _f(None, "None: densenet-PRESET")
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    # Derived values: computed, never stored, so a config cannot contradict itself.
+    @property
+    def lr_scaled(self) -> float:
+        return self.lr * self.batch_size / self.reference_batch
+
+    @property
+    def warmup(self) -> float:
+        return self.warmup_epochs if self.batch_size > self.reference_batch else 0.0
+
+    def lr_at(self, epoch: float) -> float:
+        """Learning rate at a fractional epoch: step decay at the milestones after a linear
+        warm-up from the recipe's lr to the scaled one (only for batches past the recipe's)."""
+        if epoch < self.warmup:
+            return self.lr + (self.lr_scaled - self.lr) * epoch / self.warmup
+        drops = sum(epoch >= round(f * self.epochs) for f in self.lr_milestones)
+        return self.lr_scaled * 0.1 ** drops
+
+    def model_overrides(self) -> dict:
+        """Keyword arguments for model.build beyond the arch name."""
+        out = {"drop_rate": self.drop_rate, "memory_efficient": self.memory_efficient}
+        for name in ("depth", "growth_rate", "compression", "bottleneck"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    def resolved(self) -> TrainConfig:
+        """Fill the defaults that depend on other fields; validate."""
+        cfg = self
+        if not cfg.run_name:
+            cfg = cfg.replace(run_name=f"{cfg.preset}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if not cfg.registered_model:
+            cfg = cfg.replace(registered_model=f"densenet-{cfg.preset}")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        problems = []
+
+        def need(ok: bool, name: str, accepted: str) -> None:
+            if not ok:
+                problems.append(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected {accepted}")
+
+        need(self.epochs >= 1, "epochs", "at least 1")
+        need(self.workers >= 1, "workers", "at least 1")
+        need(self.batch_size >= self.workers and self.batch_size % self.workers == 0, "batch_size",
+             f"a positive multiple of --workers ({self.workers}): each worker takes batch_size / workers")
+        need(self.lr > 0, "lr", "a positive number")
+        need(self.reference_batch >= 1, "reference_batch", "a positive integer")
+        need(all(0 < f < 1 for f in self.lr_milestones), "lr_milestones",
+             "fractions of the epochs in (0, 1), comma separated, e.g. 0.5,0.75")
+        need(0 <= self.momentum < 1, "momentum", "a number in [0, 1)")
+        need(self.weight_decay >= 0, "weight_decay", "0 or more")
+        need(self.warmup_epochs >= 0, "warmup_epochs", "0 or more")
+        need(self.precision in PRECISIONS, "precision", " or ".join(PRECISIONS))
+        need(self.cpus_per_worker > 0, "cpus_per_worker", "a positive number")
+        need(self.gpus_per_worker >= 0, "gpus_per_worker", "0 (CPU training) or more")
+        need(self.max_failures >= -1, "max_failures", "-1 (retry forever), 0, or more")
+        need(self.image_size is None or self.image_size >= 8, "image_size", "a size in pixels (8 or more), or none")
+        need(self.num_classes is None or self.num_classes >= 2, "num_classes", "none (from the data) or 2 or more")
+        need(0 <= self.drop_rate < 1, "drop_rate", "a probability in [0, 1)")
+        need(self.compression is None or 0 < self.compression <= 1, "compression", "theta in (0, 1]")
+        need(self.growth_rate is None or self.growth_rate >= 1, "growth_rate", "a positive integer")
+        need(self.depth is None or self.depth >= 10, "depth", "a total depth L such as 40, 100 or 190")
+        need(self.shuffle_buffer >= 0, "shuffle_buffer", "0 or more rows")
+        need(bool(self.run_name) and "/" not in self.run_name, "run_name", "a name without '/'")
+        if problems:
+            raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
+
+
+_BASE = TrainConfig()
+PRESETS: dict[str, TrainConfig] = {
+    # Table 1 / Table 3: DenseNet-BC-121 on ILSVRC2012, 90 epochs, batch 256, lr /10 at 30 and 60.
+    "imagenet": _BASE,
+    # C10+/C100+: standard augmentation, 300 epochs, batch 64, lr /10 at 50% and 75%.
+    "cifar10": _BASE.replace(
+        preset="cifar10", data=os.path.join(HOME, "data", "cifar10"), val_split="test",
+        train_transform="cifar_train", eval_transform="none", image_size=32, arch="densenet_bc100_k12",
+        epochs=300, batch_size=64, reference_batch=64, lr_milestones=(0.5, 0.75)),
+}
+PRESETS["cifar100"] = PRESETS["cifar10"].replace(preset="cifar100", data=os.path.join(HOME, "data", "cifar100"))
+# C10/C100 without augmentation: dropout 0.2 after each conv.
+PRESETS["cifar10_noaug"] = PRESETS["cifar10"].replace(preset="cifar10_noaug", train_transform="none", drop_rate=0.2)
+PRESETS["cifar100_noaug"] = PRESETS["cifar100"].replace(preset="cifar100_noaug", train_transform="none",
+                                                        drop_rate=0.2)
+# SVHN: train+extra, no augmentation, dropout 0.2, 40 epochs.
+PRESETS["svhn"] = PRESETS["cifar10_noaug"].replace(preset="svhn", data=os.path.join(HOME, "data", "svhn"),
+                                                   train_split="train+extra", epochs=40)
+# The offline demo: scikit-learn's 1,797 real 8x8 digits, upsampled to 16x16, minutes on a laptop CPU.
+PRESETS["digits"] = PRESETS["cifar10"].replace(
+    preset="digits", data=os.path.join(HOME, "data", "digits"), val_split="val", train_transform="none",
+    image_size=16, arch="densenet_bc", depth=22, growth_rate=12, epochs=15, batch_size=64, reference_batch=64,
+    lr=0.1, max_failures=1)
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: use true or false")
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0.5,0.75") from None
+
+
+def _number(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # Suggest the nearest field for a misspelt flag.
+        if "unrecognized arguments" in message:
+            flags = [a for a in message.split(":", 1)[1].split() if a.startswith("--")]
+            known = [f"--{f.name.replace('_', '-')}" for f in fields(TrainConfig)]
+            hints = [f"{a} -> {m[0]}?" for a in flags for m in [difflib.get_close_matches(a.split("=")[0], known, 1)]
+                     if m]
+            if hints:
+                message += " (did you mean " + ", ".join(hints) + ")"
+        super().error(message)
+
+
+def _unwrap_optional(kind) -> tuple[type, bool]:
+    """int | None -> (int, True)."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        return args[0], True
+    return kind, False
+
+
+def _optional(parse):
+    def parse_or_none(text: str):
+        return None if text.strip().lower() in ("none", "") else parse(text)
+
+    parse_or_none.__name__ = parse.__name__
+    return parse_or_none
+
+
+def parser(preset: TrainConfig = _BASE, prog: str = "python -m densenet_ray.train") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, allow_abbrev=False, description="Train a DenseNet on Ray Train, tracked in MLflow. "
+                "Every field of the preset can be overridden; 'none' clears an optional field.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("preset", choices=list(PRESETS), help="the paper's recipe to start from")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        kind, optional = _unwrap_optional(hints[f.name])
+        flag = f"--{f.name.replace('_', '-')}"
+        default = getattr(preset, f.name)
+        if kind is bool:
+            parse, extra = _parse_bool, {"nargs": "?", "const": True, "metavar": "BOOL"}
+        elif typing.get_origin(kind) is tuple:
+            parse, extra = _parse_floats, {"metavar": "F,F"}
+        elif kind in (int, float):
+            parse, extra = _number(kind), {"metavar": kind.__name__.upper()}
+        else:
+            parse, extra = str, {"metavar": "STR"}
+        p.add_argument(flag, type=_optional(parse) if optional else parse, default=default,
+                       help=f.metadata.get("help") or " ", **extra)
+    return p
+
+
+def from_args(argv: list[str]) -> TrainConfig:
+    """The resolved config for `PRESET [--field value ...]`; argparse errors exit with a message."""
+    preset_name = next((a for a in argv if not a.startswith("-")), None)
+    if preset_name is not None and preset_name not in PRESETS:
+        close = difflib.get_close_matches(preset_name, PRESETS, 1)
+        parser().error(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}"
+                       + (f" (did you mean {close[0]!r}?)" if close else ""))
+    preset = PRESETS.get(preset_name, _BASE)
+    args = vars(parser(preset).parse_args(argv))
+    cfg = preset.replace(**{k: v for k, v in args.items() if k != "preset"})
+    try:
+        return cfg.resolved()
+    except ValueError as err:
+        parser(preset).error(str(err))
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v) for f in fields(cfg)}
+
+
+def from_dict(values: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+
+

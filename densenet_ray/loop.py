@@ -1,0 +1,265 @@
+"""The per-worker training loop that Ray Train runs on every worker (see train.py for the driver).
+
+    TorchTrainer(train_loop, train_loop_config={"cfg": to_dict(cfg), "meta": {...}}, ...)
+
+Each epoch: train on this worker's share of the train split (DDP keeps the replicas equal), evaluate
+on its share of the validation split, sum the counts across workers (exact: every validation image
+once), then `ray.train.report` the same metrics dict everywhere with rank 0's checkpoint. Every side
+effect (checkpoint files, MLflow, the console line) happens in `Publisher`, on rank 0 only.
+
+Randomness: each epoch seeds torch from (seed, epoch, rank), so dropout in a resumed epoch is what
+it would have been without the interruption; data order and crops come from Ray Data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import ray.train
+import ray.train.torch
+from densenet_ray import data
+from densenet_ray.config import TrainConfig, from_dict, to_dict
+from densenet_ray.model import build
+
+STATE_FILE = "state.pt"
+# Ray Train tees print() on workers to its logger and to stdout (twice on the driver); log once.
+log = logging.getLogger("densenet_ray")
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def train_loop(config: dict) -> None:
+    cfg, meta = from_dict(config["cfg"]), config["meta"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker (DDP also broadcasts them)
+    net = build(cfg.arch, num_classes=meta["num_classes"], in_channels=meta["channels"], **cfg.model_overrides())
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(net)  # to the device, wrapped in DDP when world > 1
+    net = getattr(model, "module", model)
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr_at(0), momentum=cfg.momentum, nesterov=True,
+                                dampening=0.0, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+        check_resumable(state, cfg, meta)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+
+    publisher = Publisher(cfg, meta, history, start_epoch, world, device) if rank == 0 else None
+    train_step = torch.compile(model) if cfg.compile else model
+    evaluate_fn = torch.compile(net) if cfg.compile else net
+    mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1) * 255
+    prepare = _Prepare(mean, std, cfg.channels_last)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    steps_per_epoch = meta["train_rows"] // cfg.batch_size
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
+        t0 = time.perf_counter()
+        train_sums, data_wait, train_example = train_one_epoch(train_step, optimizer, scaler, train_shard, prepare,
+                                                               cfg, epoch, steps_per_epoch, device)
+        train_time = time.perf_counter() - t0
+        val_sums, example = evaluate(evaluate_fn, val_shard, prepare, cfg, device)
+        example = train_example if example is None else example  # this worker's val share may be empty
+        sums = torch.cat([train_sums, val_sums, torch.tensor([data_wait, train_time], device=device)])
+        if world > 1:
+            dist.all_reduce(sums)
+        metrics = epoch_metrics(sums, world, epoch, optimizer.param_groups[0]["lr"], time.perf_counter() - t0)
+        # Rows that failed to decode (shards not made by our converter), since this job started.
+        metrics["skipped_rows"] = sum(data.skipped_rows(cfg.data, s) for s in (cfg.train_split, cfg.val_split))
+        state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": epoch, "history": history + [metrics], "config": to_dict(cfg),
+                 "classes": list(meta["classes"]), "run_id": meta["run_id"],
+                 "rng": {"torch": torch.get_rng_state()}}
+        history = state["history"]
+        if publisher:
+            publisher.epoch_end(metrics, state)
+        else:
+            ray.train.report(metrics)
+
+    if publisher:
+        publisher.finish(net, example if start_epoch < cfg.epochs else None)
+
+
+class _Prepare:
+    """uint8 NHWC batch -> normalised float NCHW on the device (normalisation on the device: the
+    pipeline ships a quarter of the bytes). NHWC data is already channels_last in memory."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> None:
+        self.mean, self.std, self.channels_last = mean, std, channels_last
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.mean.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = (x - self.mean) / self.std
+        return x if self.channels_last else x.contiguous()
+
+
+def train_one_epoch(model, optimizer, scaler, shard, prepare, cfg: TrainConfig, epoch: int, steps: int,
+                    device) -> tuple[torch.Tensor, float]:
+    """One pass over this worker's share. Returns (sums of loss, top-1 and top-5 correct, images;
+    seconds spent waiting for data; two images of the first batch)."""
+    model.train()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    data_wait, step, example = 0.0, 0, None
+    batches = iter(shard.iter_torch_batches(batch_size=cfg.batch_size // cfg.workers, drop_last=True,
+                                            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                                            prefetch_batches=2))
+    while True:
+        t = time.perf_counter()
+        batch = next(batches, None)
+        data_wait += time.perf_counter() - t
+        if batch is None:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(epoch + step / max(steps, 1))
+        x, y = prepare(batch["image"]), batch["label"].to(device, non_blocking=True)
+        example = x[:2].cpu() if example is None else example
+        with torch.autocast(device.type, dtype=_AMP.get(cfg.precision), enabled=cfg.precision in _AMP):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        sums += torch.stack([loss.detach().double() * len(y), *correct(logits.detach(), y), torch.tensor(
+            float(len(y)), dtype=torch.float64, device=device)])
+        step += 1
+    return sums, data_wait, example
+
+
+@torch.no_grad()
+def evaluate(model, shard, prepare, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sums of loss, top-1 and top-5 correct and images over this worker's validation share, and
+    two of its normalised images (the registered model's input example). The shares differ in
+    size, so no collective runs per batch: the caller sums once."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    example = None
+    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size // cfg.workers, prefetch_batches=2):
+        x, y = prepare(batch["image"]), batch["label"].to(device, non_blocking=True)
+        example = x[:2].cpu() if example is None else example
+        with torch.autocast(device.type, dtype=_AMP.get(cfg.precision), enabled=cfg.precision in _AMP):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        sums += torch.stack([loss.double(), *correct(logits, y), torch.tensor(float(len(y)), dtype=torch.float64,
+                                                                                 device=device)])
+    return sums, example
+
+
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many labels are the top-1 and in the top-5 (top-k for fewer than 5 classes)."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return hits[:, 0].sum().double(), hits.any(dim=1).sum().double()
+
+
+def epoch_metrics(sums: torch.Tensor, world: int, epoch: int, lr: float, epoch_s: float) -> dict:
+    """The one metrics dict of an epoch: console line, ray.train.report and MLflow use these keys."""
+    s = sums.tolist()
+    (loss, c1, c5, n), (vloss, v1, v5, vn), (wait, train_s) = s[0:4], s[4:8], s[8:10]
+    if n == 0 or vn == 0:
+        raise RuntimeError(f"epoch {epoch}: no {'training' if n == 0 else 'validation'} images reached the "
+                           f"workers; is the split empty or smaller than one batch per worker?")
+    return {"epoch": epoch, "train_loss": loss / n, "train_top1_err": 1 - c1 / n, "train_top5_err": 1 - c5 / n,
+            "val_loss": vloss / vn, "val_top1_err": 1 - v1 / vn, "val_top5_err": 1 - v5 / vn, "lr": lr,
+            "images_per_s": n / (train_s / world), "data_wait_s": wait / world, "epoch_s": epoch_s,
+            "train_images": int(n), "val_images": int(vn)}
+
+
+def check_resumable(state: dict, cfg: TrainConfig, meta: dict) -> None:
+    """A checkpoint of another model or dataset must not be loaded silently."""
+    saved = from_dict(state["config"])
+    for name in ("arch", "depth", "growth_rate", "compression", "bottleneck"):
+        if getattr(saved, name) != getattr(cfg, name):
+            raise ValueError(f"checkpoint of run {cfg.run_name!r} in {cfg.storage} was trained with "
+                             f"{name}={getattr(saved, name)!r}, this run asks for {getattr(cfg, name)!r}; "
+                             f"use another --run-name to start a new run")
+    if list(state["classes"]) != list(meta["classes"]):
+        raise ValueError(f"checkpoint of run {cfg.run_name!r} was trained on {len(state['classes'])} other classes "
+                         f"than the {len(meta['classes'])} of {cfg.data}; use another --run-name")
+
+
+class Publisher:
+    """Rank 0's side effects, all in one place: checkpoint files, MLflow, the console line."""
+
+    def __init__(self, cfg: TrainConfig, meta: dict, history: list[dict], start_epoch: int, world: int,
+                 device) -> None:
+        from densenet_ray.tracking import RunLogger
+
+        self.cfg, self.meta, self.start_epoch = cfg, meta, start_epoch
+        self.run = RunLogger.start(meta["tracking_uri"], cfg.experiment, cfg.run_name, run_id=meta["run_id"],
+                                   params={}, tags={"workers": str(world), "device": str(device),
+                                                    "device_name": _device_name(device)})
+        self.started = time.perf_counter()
+        if start_epoch:
+            log.info(f"[densenet_ray] resumed run {cfg.run_name!r} from its checkpoint after epoch {start_epoch - 1}: "
+                     f"continuing with epoch {start_epoch} of {cfg.epochs}")
+            for metrics in history:  # an epoch whose MLflow points were lost in a crash; the rest are skipped
+                self.run.log_epoch(metrics["epoch"], metrics)
+        self.history = list(history)
+
+    def epoch_end(self, metrics: dict, state: dict) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            # Atomic: a crash mid-write leaves no state.pt, and Ray registers the folder only after it is copied.
+            torch.save(state, os.path.join(folder, STATE_FILE + ".tmp"))
+            os.replace(os.path.join(folder, STATE_FILE + ".tmp"), os.path.join(folder, STATE_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"epoch_{metrics['epoch']:04d}")
+        self.run.log_epoch(metrics["epoch"], metrics)
+        self.history.append(metrics)
+        done = metrics["epoch"] + 1 - self.start_epoch
+        eta = (time.perf_counter() - self.started) / done * (self.cfg.epochs - metrics["epoch"] - 1)
+        log.info(format_line(metrics, self.cfg.epochs, eta))
+
+    def finish(self, net, example: torch.Tensor | None) -> None:
+        """Curves, the final model in the registry, the run closed. `example` is None when the
+        checkpoint already held the last epoch (a finished run submitted again): nothing to add."""
+        if example is None or not self.history:
+            log.info(f"[densenet_ray] run {self.cfg.run_name!r} had already finished its {self.cfg.epochs} epochs")
+            self.run.finish()
+            return
+        final = self.history[-1]
+        self.run.log_curves(self.history)
+        version = self.run.log_and_register_model(
+            net, registered_name=self.cfg.registered_model, input_example=example.float().numpy(),
+            val_top1_err=final["val_top1_err"], extra={"run_name": self.cfg.run_name,
+                                                       "val_top5_err": f"{final['val_top5_err']:.6f}"})
+        self.run.finish()
+        log.info(f"[densenet_ray] registered {self.cfg.registered_model!r} version {version} "
+                 f"(val top-1 error {final['val_top1_err']:.4f}); MLflow run {self.run.run_id}")
+
+
+def format_line(m: dict, epochs: int, eta_s: float) -> str:
+    return (f"epoch {m['epoch'] + 1:>3}/{epochs}  loss {m['train_loss']:.4f}  "
+            f"top1 err {m['train_top1_err']:.4f}/{m['val_top1_err']:.4f} (train/val)  "
+            f"top5 err {m['train_top5_err']:.4f}/{m['val_top5_err']:.4f}  lr {m['lr']:.4g}  "
+            f"{m['images_per_s']:.0f} img/s  data wait {m['data_wait_s']:.1f}s  ETA {_duration(eta_s)}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(math.ceil(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+

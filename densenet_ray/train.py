@@ -1,0 +1,160 @@
+"""Train a DenseNet data-parallel on Ray Train, tracked in MLflow, registered in its model registry.
+
+    python -m densenet_ray.train digits                        # the offline demo, minutes on a laptop
+    python -m densenet_ray.train imagenet --data s3://bucket/imagenet --workers 16 --gpus-per-worker 1 \\
+        --precision bf16 --channels-last --storage s3://bucket/runs --mlflow-tracking-uri http://mlflow:5000
+    ray job submit --working-dir . -- python -m densenet_ray.train imagenet ...
+    python -m densenet_ray.train cifar10 --help                # every field, with the preset's values
+
+The driver checks everything that can be checked before a worker starts (configuration, data
+manifest and shard footers, class counts, the tracking server), opens the MLflow run, then hands
+the per-worker loop (loop.py) to a TorchTrainer. The same --run-name and --storage resume a run
+whose driver died; --max-failures restarts failed workers from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+from densenet_ray import config as C
+from densenet_ray import data
+
+
+def prepare_data(cfg: C.TrainConfig) -> data.Manifest:
+    """The dataset's manifest after the pre-flight checks; the digits demo converts itself."""
+    if cfg.preset == "digits" and not _exists(cfg.data):
+        from densenet_ray.data import sources, write
+
+        print(f"[densenet_ray] converting scikit-learn's digits to {cfg.data} (first run only)", flush=True)
+        write.convert(sources.digits(), cfg.data, progress=False, command="python -m densenet_ray.train digits")
+    m = data.check(cfg.data, splits=(cfg.train_split, cfg.val_split))
+    if cfg.num_classes is not None and cfg.num_classes != m.num_classes:
+        raise data.DataError(f"--num-classes {cfg.num_classes} does not match {cfg.data}, which has "
+                             f"{m.num_classes} classes ({', '.join(m.classes[:5])}{', ...' if m.num_classes > 5 else ''}); "
+                             f"leave --num-classes unset to take the dataset's")
+    rows = m.split(cfg.train_split).rows
+    if rows < cfg.batch_size:
+        raise data.DataError(f"{cfg.data}: split {cfg.train_split!r} has {rows} images, fewer than one global batch "
+                             f"(--batch-size {cfg.batch_size}); lower --batch-size")
+    return m
+
+
+def _exists(root: str) -> bool:
+    """Whether `root` holds a manifest (a broken one is reported by data.check, not overwritten)."""
+    import pyarrow.fs as pafs
+
+    from densenet_ray.data.manifest import MANIFEST, filesystem
+
+    fs, base = filesystem(root)
+    return fs.get_file_info(f"{base}/{MANIFEST}").type != pafs.FileType.NotFound
+
+
+def print_config(cfg: C.TrainConfig) -> None:
+    print("[densenet_ray] configuration:")
+    for name, value in C.to_dict(cfg).items():
+        print(f"  {name:<20} {value}")
+    print(f"  {'(lr at batch)':<20} {cfg.lr_scaled:g} for {cfg.batch_size} images"
+          + (f", warm-up {cfg.warmup:g} epochs" if cfg.warmup else ""), flush=True)
+
+
+def connect_ray(cfg: C.TrainConfig) -> None:
+    """Join the running cluster (`ray job submit`, RAY_ADDRESS, `ray start`), else start a local Ray.
+
+    Training workers reserve CPUs, and Ray Data's read and decode tasks need CPUs of their own or
+    the input pipeline waits forever: a local Ray gets enough logical CPUs for both (the OS shares
+    the cores), and a cluster without a spare CPU is refused before it can hang.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            try:  # starts a local Ray, unless `ray start` left a cluster on this machine to join
+                ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + 2))
+            except ValueError as err:  # "When connecting to an existing cluster, num_cpus ... must not be provided"
+                if "existing cluster" not in str(err):
+                    raise
+                ray.init()
+    total = ray.cluster_resources().get("CPU", 0)
+    reserved = cfg.workers * cfg.cpus_per_worker
+    if total - reserved < 1:
+        raise ValueError(f"the Ray cluster has {total:g} CPUs and {cfg.workers} training workers reserve "
+                         f"{reserved:g} (--workers x --cpus-per-worker); Ray Data needs at least one more CPU to "
+                         f"read and decode images: lower --cpus-per-worker or --workers, or add CPU nodes")
+
+
+def run(cfg: C.TrainConfig):
+    """Everything after the configuration: checks, MLflow run, TorchTrainer.fit. Returns the Ray Result."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from densenet_ray import tracking
+    from densenet_ray.loop import train_loop
+
+    uri = tracking.resolve_tracking_uri(cfg.mlflow_tracking_uri)
+    tracking.check_tracking(uri)  # seconds, before anything starts
+    connect_ray(cfg)
+    manifest = prepare_data(cfg)
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    if len(nodes) > 1:
+        tracking.check_tracking(uri, multi_node=True)  # workers on other nodes must reach it too
+
+    runlog = tracking.RunLogger.start(uri, cfg.experiment, cfg.run_name, params=C.to_dict(cfg),
+                                      tags={"preset": cfg.preset, "workers": str(cfg.workers)}, system_metrics=False)
+    runlog.log_artifact_dict("config.json", C.to_dict(cfg))
+    runlog.log_artifact_dict("class_index.json", {str(i): [w, n] for i, (w, n) in
+                                                  enumerate(zip(manifest.wnids, manifest.classes))})
+    print(f"[densenet_ray] MLflow run {runlog.run_id} in experiment {cfg.experiment!r} at {uri}", flush=True)
+
+    size = cfg.image_size
+    datasets = {"train": data.read_split(cfg.data, cfg.train_split, cfg.train_transform, image_size=size,
+                                         manifest=manifest),
+                "val": data.read_split(cfg.data, cfg.val_split, cfg.eval_transform, image_size=size,
+                                       manifest=manifest)}
+    meta = {"num_classes": manifest.num_classes, "channels": manifest.channels, "mean": list(manifest.mean),
+            "std": list(manifest.std), "classes": list(manifest.classes), "train_rows": manifest.split(
+                cfg.train_split).rows, "run_id": runlog.run_id, "tracking_uri": uri}
+    use_gpu = cfg.gpus_per_worker > 0
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": C.to_dict(cfg), "meta": meta},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=cfg.storage,
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+        dataset_config=data.dataset_config(),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        runlog.finish("FAILED", wait_s=5)
+        raise
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = C.from_args(sys.argv[1:] if argv is None else argv)
+    print_config(cfg)
+    from densenet_ray.tracking import TrackingError
+
+    try:
+        result = run(cfg)
+    except (data.DataError, TrackingError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    metrics = result.metrics or {}
+    print(f"[densenet_ray] done: {cfg.run_name!r}, {metrics.get('epoch', -1) + 1} epochs, val top-1 error "
+          f"{metrics.get('val_top1_err', float('nan')):.4f}; checkpoints in {os.path.join(cfg.storage, cfg.run_name)}",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Presets, command-line overrides and the learning-rate schedule (no Ray needed)."""
+
+import pytest
+
+from densenet_ray import config as C
+from densenet_ray.model import build
+
+
+def test_paper_recipes():
+    imagenet, c10, svhn = C.PRESETS["imagenet"], C.PRESETS["cifar10"], C.PRESETS["svhn"]
+    assert (imagenet.arch, imagenet.epochs, imagenet.batch_size, imagenet.lr) == ("densenet121", 90, 256, 0.1)
+    assert [imagenet.lr_at(e) for e in (0, 29.9, 30, 59.9, 60, 89)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3])
+    assert (c10.epochs, c10.batch_size, c10.train_transform) == (300, 64, "cifar_train")
+    assert [c10.lr_at(e) for e in (149, 150, 225)] == pytest.approx([0.1, 0.01, 1e-3])
+    assert C.PRESETS["cifar100_noaug"].drop_rate == 0.2 and C.PRESETS["cifar100_noaug"].train_transform == "none"
+    assert (svhn.epochs, svhn.drop_rate, svhn.train_transform, svhn.train_split) == (40, 0.2, "none", "train+extra")
+    for cfg in C.PRESETS.values():
+        assert (cfg.momentum, cfg.weight_decay) == (0.9, 1e-4)
+
+
+@pytest.mark.parametrize("preset", list(C.PRESETS))
+def test_every_preset_resolves_and_builds(preset):
+    cfg = C.from_args([preset])
+    assert cfg.run_name.startswith(preset) and cfg.registered_model == f"densenet-{preset}"
+    net = build(cfg.arch, num_classes=10, **cfg.model_overrides())
+    assert net.depth > 0
+
+
+def test_linear_scaling_and_warmup_past_the_recipe_batch():
+    cfg = C.PRESETS["imagenet"].replace(batch_size=1024)
+    assert cfg.lr_scaled == pytest.approx(0.4)
+    assert cfg.lr_at(0) == pytest.approx(0.1)          # warm-up starts at the recipe's lr
+    assert cfg.lr_at(2.5) == pytest.approx(0.25)
+    assert cfg.lr_at(5) == pytest.approx(0.4)
+    assert cfg.lr_at(30) == pytest.approx(0.04)
+    small = C.PRESETS["imagenet"].replace(batch_size=128)
+    assert small.warmup == 0 and small.lr_at(0) == pytest.approx(0.05)
+
+
+def test_overrides_are_typed():
+    cfg = C.from_args(["cifar10", "--epochs", "3", "--growth-rate", "24", "--depth", "40", "--bottleneck", "false",
+                       "--compression", "1", "--lr-milestones", "0.5,0.9", "--channels-last", "--precision", "bf16",
+                       "--run-name", "r1", "--image-size", "none"])
+    assert (cfg.epochs, cfg.growth_rate, cfg.depth, cfg.bottleneck, cfg.compression) == (3, 24, 40, False, 1.0)
+    assert cfg.lr_milestones == (0.5, 0.9) and cfg.channels_last is True and cfg.image_size is None
+    net = build(cfg.arch, num_classes=10, **cfg.model_overrides())
+    assert net.depth == 40 and not net.bottleneck and net.growth_rate == 24
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = C.from_args(["svhn", "--run-name", "x"])
+    assert C.from_dict(C.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["imagenett"], "unknown preset 'imagenett'; choose one of imagenet"),
+    (["digits", "--epoch", "3"], "did you mean --epoch -> --epochs"),
+    (["digits", "--epochs", "three"], "'three' is not an integer"),
+    (["digits", "--batch-size", "63"], "--batch-size 63: expected a positive multiple of --workers (2)"),
+    (["digits", "--precision", "fp8"], "--precision 'fp8': expected fp32 or bf16 or fp16"),
+    (["digits", "--compression", "1.5"], "--compression 1.5: expected theta in (0, 1]"),
+    (["digits", "--channels-last", "maybe"], "'maybe' is not a boolean"),
+    (["digits", "--lr-milestones", "50,75"], "fractions of the epochs"),
+])
+def test_bad_flags_say_what_is_accepted(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        C.from_args(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_every_field_with_the_preset_default(capsys):
+    with pytest.raises(SystemExit):
+        C.from_args(["cifar10", "--help"])
+    out = capsys.readouterr().out
+    for name in C.to_dict(C.PRESETS["cifar10"]):
+        if name != "preset":
+            assert f"--{name.replace('_', '-')}" in out
+    assert "densenet_bc100_k12" in out  # the preset's value, not the base default
