@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 
 HOME = os.path.expanduser(os.environ.get("DENSENET_RAY_HOME", "~/.densenet_ray"))
 PRECISIONS = ("fp32", "bf16", "fp16")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 
 
 def _f(default, help: str):
@@ -65,6 +66,7 @@ class TrainConfig:
     workers: int = _f(2, "data-parallel training workers (Ray actors)")
     cpus_per_worker: float = _f(1.0, "CPUs reserved by each worker")
     gpus_per_worker: float = _f(0.0, "GPUs per worker; 0 trains on CPUs (gloo), more on GPUs (NCCL)")
+    placement_strategy: str = _f("PACK", "PACK workers onto few nodes, or SPREAD them one per node where possible")
     precision: str = _f("fp32", "fp32, bf16 or fp16 autocast (fp16 with a gradient scaler)")
     channels_last: bool = _f(False, "NHWC memory format (faster convolutions with AMP on GPUs)")
     compile: bool = _f(False, "torch.compile the model")
@@ -135,6 +137,7 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "0 or more")
         need(self.warmup_epochs >= 0, "warmup_epochs", "0 or more")
         need(self.precision in PRECISIONS, "precision", " or ".join(PRECISIONS))
+        need(self.placement_strategy in PLACEMENTS, "placement_strategy", " or ".join(PLACEMENTS))
         need(self.cpus_per_worker > 0, "cpus_per_worker", "a positive number")
         need(self.gpus_per_worker >= 0, "gpus_per_worker", "0 (CPU training) or more")
         need(self.max_failures >= -1, "max_failures", "-1 (retry forever), 0, or more")
@@ -171,7 +174,7 @@ PRESETS["svhn"] = PRESETS["cifar10_noaug"].replace(preset="svhn", data=os.path.j
 # The offline demo: scikit-learn's 1,797 real 8x8 digits, upsampled to 16x16, minutes on a laptop CPU.
 PRESETS["digits"] = PRESETS["cifar10"].replace(
     preset="digits", data=os.path.join(HOME, "data", "digits"), val_split="val", train_transform="none",
-    image_size=16, arch="densenet_bc", depth=22, growth_rate=12, epochs=15, batch_size=64, reference_batch=64,
+    image_size=16, arch="densenet_bc22_k12", epochs=15, batch_size=64, reference_batch=64,
     lr=0.1, max_failures=1)
 
 

@@ -86,13 +86,15 @@ def train_loop(config: dict) -> None:
         metrics = epoch_metrics(sums, world, epoch, optimizer.param_groups[0]["lr"], time.perf_counter() - t0)
         # Rows that failed to decode (shards not made by our converter), since this job started.
         metrics["skipped_rows"] = sum(data.skipped_rows(cfg.data, s) for s in (cfg.train_split, cfg.val_split))
-        state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch, "history": history + [metrics], "config": to_dict(cfg),
-                 "classes": list(meta["classes"]), "run_id": meta["run_id"],
-                 "rng": {"torch": torch.get_rng_state()}}
-        history = state["history"]
+        history = history + [metrics]
         if publisher:
-            publisher.epoch_end(metrics, state)
+            publisher.epoch_end(metrics, {
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "history": history, "config": to_dict(cfg), "classes": list(meta["classes"]),
+                "mean": meta["mean"], "std": meta["std"], "run_id": meta["run_id"],
+                "example": example,  # two normalised inputs: the signature of a model registered later
+                # Informational: every epoch reseeds from (seed, epoch, rank), so epoch and seed restore it.
+                "rng": {"torch": torch.get_rng_state()}})
         else:
             ray.train.report(metrics)
 
@@ -206,9 +208,11 @@ class Publisher:
         from densenet_ray.tracking import RunLogger
 
         self.cfg, self.meta, self.start_epoch = cfg, meta, start_epoch
+        tags = {"workers": str(world), "device": str(device), "device_name": _device_name(device)}
+        if start_epoch:  # where the latest (re)start picked up, for people and for the fault tests
+            tags["densenet_ray.resumed_after_epoch"] = str(start_epoch - 1)
         self.run = RunLogger.start(meta["tracking_uri"], cfg.experiment, cfg.run_name, run_id=meta["run_id"],
-                                   params={}, tags={"workers": str(world), "device": str(device),
-                                                    "device_name": _device_name(device)})
+                                   params={}, tags=tags)
         self.started = time.perf_counter()
         if start_epoch:
             log.info(f"[densenet_ray] resumed run {cfg.run_name!r} from its checkpoint after epoch {start_epoch - 1}: "
@@ -239,6 +243,9 @@ class Publisher:
             return
         final = self.history[-1]
         self.run.log_curves(self.history)
+        if not self.meta["register"]:
+            self.run.finish()
+            return
         version = self.run.log_and_register_model(
             net, registered_name=self.cfg.registered_model, input_example=example.float().numpy(),
             val_top1_err=final["val_top1_err"], extra={"run_name": self.cfg.run_name,

@@ -196,8 +196,11 @@ class RunLogger:
 
     def log_artifact_dict(self, name: str, obj) -> None:
         """`obj` as the JSON artifact `name` (e.g. "config.json"), queued like metrics."""
-        text = json.dumps(obj, indent=2, sort_keys=True, default=str)
-        self._pending_files[name] = text.encode()
+        self.log_file(name, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def log_file(self, name: str, content: bytes) -> None:
+        """`content` as the artifact `name` (e.g. "trials.csv"), queued like metrics."""
+        self._pending_files[name] = content
         self._flush(self._step_timeout_s)
 
     def log_curves(self, history: list[dict], name: str = "training_curves.png") -> None:
@@ -218,8 +221,7 @@ class RunLogger:
             ax.grid(alpha=0.3)
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=100)
-        self._pending_files[name] = png.getvalue()
-        self._flush(self._step_timeout_s)
+        self.log_file(name, png.getvalue())
 
     def log_and_register_model(self, model, *, registered_name: str, input_example,
                                val_top1_err: float, extra: dict | None = None) -> int:
@@ -292,6 +294,14 @@ class RunLogger:
             self._outage = False
             _log.warning("tracking server %s answers again; queued points delivered", self.uri)
         return True
+
+
+def end_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:
+    """Close a run that nobody else will (a Tune trial its scheduler stopped), with `tags`."""
+    client = MlflowClient(uri)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, str(value))
+    client.set_terminated(run_id, status)
 
 
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:

@@ -86,29 +86,44 @@ def connect_ray(cfg: C.TrainConfig) -> None:
                          f"read and decode images: lower --cpus-per-worker or --workers, or add CPU nodes")
 
 
-def run(cfg: C.TrainConfig):
-    """Everything after the configuration: checks, MLflow run, TorchTrainer.fit. Returns the Ray Result."""
+def preflight(cfg: C.TrainConfig) -> tuple[str, data.Manifest]:
+    """Every check that can run before a worker starts, fastest first: the tracking URI (seconds),
+    Ray, the data (manifest and shard footers, class count), a tracking store other nodes can reach."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from densenet_ray import tracking
-    from densenet_ray.loop import train_loop
 
     uri = tracking.resolve_tracking_uri(cfg.mlflow_tracking_uri)
-    tracking.check_tracking(uri)  # seconds, before anything starts
+    tracking.check_tracking(uri)
     connect_ray(cfg)
     manifest = prepare_data(cfg)
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
     if len(nodes) > 1:
         tracking.check_tracking(uri, multi_node=True)  # workers on other nodes must reach it too
+    return uri, manifest
 
-    runlog = tracking.RunLogger.start(uri, cfg.experiment, cfg.run_name, params=C.to_dict(cfg),
-                                      tags={"preset": cfg.preset, "workers": str(cfg.workers)}, system_metrics=False)
+
+def open_run(cfg: C.TrainConfig, uri: str, manifest: data.Manifest, tags: dict | None = None):
+    """The MLflow run of this training run (continued when one of that name is unfinished)."""
+    from densenet_ray import tracking
+
+    runlog = tracking.RunLogger.start(uri, cfg.experiment, cfg.run_name, params=C.to_dict(cfg), system_metrics=False,
+                                      tags={"preset": cfg.preset, "workers": str(cfg.workers), **(tags or {})})
     runlog.log_artifact_dict("config.json", C.to_dict(cfg))
     runlog.log_artifact_dict("class_index.json", {str(i): [w, n] for i, (w, n) in
                                                   enumerate(zip(manifest.wnids, manifest.classes))})
     print(f"[densenet_ray] MLflow run {runlog.run_id} in experiment {cfg.experiment!r} at {uri}", flush=True)
+    return runlog
+
+
+def make_trainer(cfg: C.TrainConfig, manifest: data.Manifest, uri: str, run_id: str, *, callbacks=(),
+                 register: bool = True):
+    """The TorchTrainer for one training run; `register=False` leaves the final model out of the
+    registry (Tune trials: the sweep registers its best)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from densenet_ray.loop import train_loop
 
     size = cfg.image_size
     datasets = {"train": data.read_split(cfg.data, cfg.train_split, cfg.train_transform, image_size=size,
@@ -116,27 +131,34 @@ def run(cfg: C.TrainConfig):
                 "val": data.read_split(cfg.data, cfg.val_split, cfg.eval_transform, image_size=size,
                                        manifest=manifest)}
     meta = {"num_classes": manifest.num_classes, "channels": manifest.channels, "mean": list(manifest.mean),
-            "std": list(manifest.std), "classes": list(manifest.classes), "train_rows": manifest.split(
-                cfg.train_split).rows, "run_id": runlog.run_id, "tracking_uri": uri}
+            "std": list(manifest.std), "classes": list(manifest.classes),
+            "train_rows": manifest.split(cfg.train_split).rows, "run_id": run_id, "tracking_uri": uri,
+            "register": register}
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": C.to_dict(cfg), "meta": meta},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=cfg.storage,
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.placement_strategy),
+        run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=cfg.storage, callbacks=list(callbacks),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
         dataset_config=data.dataset_config(),
     )
+
+
+def run(cfg: C.TrainConfig):
+    """Everything after the configuration: checks, MLflow run, TorchTrainer.fit. Returns the Ray Result."""
+    uri, manifest = preflight(cfg)
+    runlog = open_run(cfg, uri, manifest)
     try:
-        result = trainer.fit()
+        return make_trainer(cfg, manifest, uri, runlog.run_id).fit()
     except BaseException:
         runlog.finish("FAILED", wait_s=5)
         raise
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:

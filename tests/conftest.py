@@ -18,3 +18,98 @@ def ray_local():
                  runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayNodes:
+    """A real multi-process Ray cluster on this machine, as `ray start` makes one: a head, and
+    optionally more nodes joining it. Every node runs `ray start --block` in its own process
+    group, so stopping it (SIGTERM to the group) takes down exactly its processes, not those of
+    other Ray instances here (unlike `ray stop`)."""
+
+    def __init__(self, tmp_path):
+        import sys
+
+        self.tmp = tmp_path
+        self.bin = os.path.dirname(sys.executable)
+        # Job drivers run `python` from the PATH the node started with: this interpreter's.
+        self.env = {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.nodes = {}
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self, name: str, *, head: bool = False, num_cpus: int = 2, resources: str | None = None) -> None:
+        import subprocess
+        import time
+
+        args = [os.path.join(self.bin, "ray"), "start", "--block", f"--num-cpus={num_cpus}",
+                f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", "--node-ip-address=127.0.0.1"]
+        if head:
+            args += ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
+                     "--include-dashboard=true"]
+        else:
+            args += [f"--address={self.address}"]
+        if resources:
+            args += [f"--resources={resources}"]
+        log = open(self.tmp / f"ray-{name}.log", "w")
+        self.nodes[name] = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not self._up(head):
+            if self.nodes[name].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start for {name} failed:\n{(self.tmp / f'ray-{name}.log').read_text()}")
+            time.sleep(1)
+
+    def _up(self, head: bool) -> bool:
+        import urllib.request
+
+        if not head:
+            import time
+
+            time.sleep(8)  # a joining node registers within seconds; the tests check the node count
+            return True
+        try:
+            urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2)
+            return True
+        except OSError:
+            return False
+
+    def stop(self, name: str) -> None:
+        import signal
+
+        proc = self.nodes.pop(name, None)
+        if proc and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except Exception:  # noqa: BLE001 - escalate below
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.nodes)):
+            self.stop(name)
+
+
+@pytest.fixture()
+def ray_nodes(tmp_path):
+    nodes = RayNodes(tmp_path)
+    yield nodes
+    nodes.stop_all()

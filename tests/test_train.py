@@ -1,0 +1,244 @@
+"""Training end to end on a real local Ray, real Parquet shards and a real MLflow store: the README's
+digits job, resuming after a killed worker and a killed driver, the imagenet preset, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+from densenet_ray import config as C
+from densenet_ray import data, train
+from densenet_ray.data import sources, write
+from densenet_ray.registry import load_registered_model
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def digits_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "digits"
+    write.convert(sources.digits(), str(out), progress=False)
+    return str(out)
+
+
+@pytest.fixture()
+def places(tmp_path):
+    """Checkpoint storage and an embedded MLflow store of the test's own."""
+    return {"storage": str(tmp_path / "runs"), "uri": f"sqlite:///{tmp_path}/mlflow.db"}
+
+
+def flags(digits_data, places, *extra):
+    return ["digits", "--data", digits_data, "--storage", places["storage"],
+            "--mlflow-tracking-uri", places["uri"], *extra]
+
+
+def the_run(uri: str, run_name: str):
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"attributes.run_name = '{run_name}'")
+    assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
+    return client, runs[0]
+
+
+def assert_each_epoch_once(client, run, epochs: int):
+    for key in ("train_loss", "val_top1_err", "val_top5_err", "lr", "images_per_s", "data_wait_s"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(epochs)), f"{key}: steps {sorted(steps)}"
+
+
+def val_error_of(model, root: str, image_size: int) -> float:
+    """Top-1 error of a registered model over every validation image, computed here, not by training."""
+    m = data.load_manifest(root)
+    mean = torch.tensor(m.mean).view(1, -1, 1, 1) * 255
+    std = torch.tensor(m.std).view(1, -1, 1, 1) * 255
+    wrong = total = 0
+    for batch in data.read_split(root, "val", "none", image_size=image_size).iter_torch_batches(batch_size=128):
+        x = (batch["image"].permute(0, 3, 1, 2).float() - mean) / std
+        with torch.no_grad():
+            wrong += (model(x).argmax(1) != batch["label"]).sum().item()
+        total += len(batch["label"])
+    assert total == m.splits["val"].rows
+    return wrong / total
+
+
+@pytest.mark.slow
+def test_digits_demo_trains_tracks_and_registers(digits_data, places, capfd):
+    """The README's main job: 2 workers, >= 95% validation accuracy, a complete MLflow run, and a
+    registered model that reproduces the logged accuracy when loaded from the registry."""
+    rc = train.main(flags(digits_data, places, "--run-name", "demo", "--max-failures", "0"))
+    out = capfd.readouterr().out
+    assert rc == 0
+    assert "configuration:" in out and "done: 'demo', 15 epochs" in out
+
+    client, run = the_run(places["uri"], "demo")
+    assert run.info.status == "FINISHED"
+    assert_each_epoch_once(client, run, 15)
+    logged_err = run.data.metrics["val_top1_err"]
+    assert logged_err <= 0.05
+    assert run.data.params["arch"] == "densenet_bc22_k12" and run.data.params["workers"] == "2"
+    assert {"ray_version", "torch_version", "device"} <= run.data.tags.keys()
+    assert any(k.startswith("system/") for k in run.data.metrics), "no system metrics"
+    assert {"config.json", "class_index.json", "training_curves.png"} <= {a.path for a in
+                                                                         client.list_artifacts(run.info.run_id)}
+
+    version = client.get_model_version_by_alias("densenet-digits", "champion")
+    assert set(version.aliases) == {"candidate", "champion"} and version.run_id == run.info.run_id
+    model = load_registered_model("models:/densenet-digits@champion", tracking_uri=places["uri"])
+    assert val_error_of(model, digits_data, image_size=16) == pytest.approx(logged_err, abs=1e-9)
+
+
+def train_in_thread(cfg):
+    box = {}
+
+    def target():
+        try:
+            box["result"] = train.run(cfg)
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def wait_for(path: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.5)
+
+
+def train_workers() -> list[psutil.Process]:
+    # The local Ray's raylet is this process's child; its workers are the raylet's.
+    return [p for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::RayTrainWork")]
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_last_checkpoint(digits_data, places):
+    cfg = C.from_args(flags(digits_data, places, "--run-name", "fault", "--epochs", "5", "--max-failures", "2"))
+    thread, box = train_in_thread(cfg)
+    wait_for(os.path.join(places["storage"], "fault", "epoch_0001"))
+    victims = train_workers()
+    assert len(victims) == 2
+    victims[-1].send_signal(signal.SIGKILL)  # from outside, as a node failure would
+    thread.join(timeout=900)
+    assert "error" not in box, box.get("error")
+    assert box["result"].metrics["epoch"] == 4
+
+    client, run = the_run(places["uri"], "fault")
+    assert run.info.status == "FINISHED"
+    assert_each_epoch_once(client, run, 5)
+    resumed_after = int(run.data.tags["densenet_ray.resumed_after_epoch"])
+    assert resumed_after >= 1, "restarted from scratch instead of the last checkpoint"
+
+
+@pytest.mark.slow
+def test_resubmitted_run_resumes_after_its_driver_was_killed(digits_data, places, ray_local):
+    argv = flags(digits_data, places, "--run-name", "driverless", "--epochs", "4", "--max-failures", "0")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "densenet_ray.train", *argv], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(os.path.join(places["storage"], "driverless", "epoch_0001"))
+    finally:
+        driver.kill()
+        driver.wait()
+    client, run = the_run(places["uri"], "driverless")
+    assert run.info.status == "RUNNING"  # nobody closed it
+
+    assert train.main(argv) == 0
+    client, resumed = the_run(places["uri"], "driverless")  # the same MLflow run, not a second one
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert_each_epoch_once(client, resumed, 4)
+    assert int(resumed.data.tags["densenet_ray.resumed_after_epoch"]) >= 1
+
+
+def tiny_imagenet(root):
+    """ILSVRC2012's layout with real JPEG photo crops: train/<wnid>/*.JPEG, a flat val/ and its labels."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    rng = np.random.default_rng(0)
+    rows = ["ImageId,PredictionString"]
+
+    def crop(i):
+        photo = photos[i % 2]
+        y, x = rng.integers(0, 200), rng.integers(0, 300)
+        return Image.fromarray(photo[y:y + 150, x:x + 200])
+
+    for c, wnid in enumerate(wnids):
+        os.makedirs(os.path.join(root, "train", wnid))
+        for i in range(6):
+            crop(c * 6 + i).save(os.path.join(root, "train", wnid, f"{wnid}_{i}.JPEG"), quality=90)
+    os.makedirs(os.path.join(root, "val"))
+    for i in range(6):
+        name = f"ILSVRC2012_val_{i + 1:08d}"
+        crop(i).save(os.path.join(root, "val", name + ".JPEG"), quality=90)
+        rows.append(f"{name},{wnids[i % 3]} 0 0 10 10")
+    with open(os.path.join(root, "LOC_val_solution.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    with open(os.path.join(root, "LOC_synset_mapping.txt"), "w") as f:
+        f.write("\n".join(f"{w} class {w}" for w in wnids) + "\n")
+
+
+@pytest.mark.slow
+def test_imagenet_preset_end_to_end_on_tiny_shards(tmp_path, places):
+    tiny_imagenet(tmp_path / "ilsvrc")
+    write.convert(sources.imagenet(str(tmp_path / "ilsvrc")), str(tmp_path / "shards"), progress=False)
+    rc = train.main(["imagenet", "--data", str(tmp_path / "shards"), "--epochs", "1", "--batch-size", "4",
+                     "--storage", places["storage"], "--mlflow-tracking-uri", places["uri"], "--run-name", "inet",
+                     "--max-failures", "0", "--precision", "bf16", "--channels-last"])
+    assert rc == 0
+    client, run = the_run(places["uri"], "inet")
+    assert run.info.status == "FINISHED" and run.data.params["arch"] == "densenet121"
+    assert run.data.metrics["train_images"] == 16 and run.data.metrics["val_images"] == 6  # 18 // 4 * 4 images
+    assert client.get_model_version_by_alias("densenet-imagenet", "candidate").run_id == run.info.run_id
+
+
+def test_unreachable_tracking_server_fails_fast_before_training(digits_data, places, capfd):
+    t0 = time.monotonic()
+    rc = train.main(["digits", "--data", digits_data, "--storage", places["storage"],
+                     "--mlflow-tracking-uri", "http://127.0.0.1:9"])
+    assert rc == 2 and time.monotonic() - t0 < 20
+    assert "http://127.0.0.1:9" in capfd.readouterr().err
+    assert not os.path.exists(places["storage"])
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d, tmp: ["cifar10", "--data", str(tmp / "nowhere")], "no manifest"),  # only digits converts itself
+    (lambda d, tmp: ["digits", "--data", d, "--num-classes", "3"], "--num-classes 3 does not match"),
+    (lambda d, tmp: ["digits", "--data", d, "--val-split", "test"], "no split 'test'"),
+    (lambda d, tmp: ["digits", "--data", d, "--batch-size", "4096"], "fewer than one global batch"),
+    (lambda d, tmp: ["digits", "--data", d, "--workers", "4"], "Ray Data needs at least one more CPU"),
+])
+def test_bad_input_is_a_clear_error_before_any_worker_starts(digits_data, places, tmp_path, capfd, change, message):
+    argv = [*change(digits_data, tmp_path), "--storage", places["storage"], "--mlflow-tracking-uri", places["uri"]]
+    assert train.main(argv) == 2
+    assert message in capfd.readouterr().err
+    assert not os.path.exists(places["storage"])
+
+
+def test_wrong_schema_shard_is_named(digits_data, places, tmp_path, capfd):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    broken = tmp_path / "broken"
+    shutil.copytree(digits_data, broken)
+    shard = sorted((broken / "train").glob("*.parquet"))[0]
+    pq.write_table(pa.table({"pixels": [b"x"], "label": ["seven"]}), shard)
+    assert train.main(["digits", "--data", str(broken), "--storage", places["storage"],
+                       "--mlflow-tracking-uri", places["uri"]]) == 2
+    err = capfd.readouterr().err
+    assert shard.name in err
