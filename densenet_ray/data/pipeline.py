@@ -11,25 +11,26 @@
     skipped = skipped_rows(root, "train")   # rows that failed to decode so far (cumulative)
 
 Shuffling per epoch: the converter shuffled rows across shards with a seed; each epoch the row
-groups (~8 MB, ~70 ImageNet images each) are read in a new random order (randomize_block_order
-over row-group descriptors, so its all-to-all step moves descriptors, not images), the local
-shuffle buffer mixes rows within a worker, and random transforms draw fresh crops (their rng is
-seeded from the OS for every row group).
+groups (~8 MB, ~70 ImageNet images each) are read in a new random order, the local shuffle buffer
+mixes rows within a worker, and random transforms draw fresh crops (their rng is seeded from the
+OS for every row group).
 
-Why not ray.data.read_parquet: in Ray 2.60 it lists files through 32 footer-reading actors on
-every execution (~2 s per epoch on a small node), packs reads into 128 MiB units (few tasks for
-a small split) and runs decoding as a separate step after an object-store copy of the bytes;
-shuffling its block order would be a barrier over the encoded images themselves.
+Why a Datasource of our own (RowGroups) rather than read_parquet + map_batches: in Ray 2.60
+read_parquet lists files through 32 footer-reading actors on every execution (~2 s per epoch on
+a small node), packs reads into 128 MiB units (few tasks for a small split) and decodes in a
+separate step after an object-store copy of the bytes; and randomize_block_order would add an
+all-to-all operator. RowGroups makes the whole pipeline one operator, reshuffled at planning.
 """
 
 import hashlib
 from functools import partial
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
+from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data.datasource import ReadTask
 from ray.train import DataConfig
 
 from .counter import Counter
@@ -52,9 +53,6 @@ def read_split(root, split, transform, *, image_size=None, shuffle=None, with_ke
         not iter_torch_batches).
     Rows that fail to decode are dropped one by one and counted: see skipped_rows(root, split).
     "imagenet_tencrop" rows hold (10, H, W, C) images.
-
-    The unit of work is one Parquet row group (~8 MB): a task reads it and decodes its images,
-    so reading and decoding are one step and parallelism is the number of row groups.
     """
     if transform not in TRANSFORMS:
         raise DataError(f"transform {transform!r}: expected one of {', '.join(TRANSFORMS)}")
@@ -65,26 +63,50 @@ def read_split(root, split, transform, *, image_size=None, shuffle=None, with_ke
         raise DataError(f"{m.root}: split {split!r} holds images of different sizes; transform "
                         f"{transform!r} needs image_size=N to give batches one shape")
     fs, paths = m.shard_paths(split)
-    units = [{"path": p, "row_group": g} for p, sh in zip(paths, info.shards) for g in range(sh.row_groups)]
+    units = [(p, g, sh.rows / sh.row_groups) for p, sh in zip(paths, info.shards) for g in range(sh.row_groups)]
     if not units:
         raise DataError(f"{m.root}: split {split!r} has no rows")
-    ds = ray.data.from_items(units, override_num_blocks=len(units))   # one block, one task per unit
-    if transform in RANDOM if shuffle is None else shuffle:
-        ds = ds.randomize_block_order()   # a new order every execution, i.e. every epoch
-    fn = partial(read_units, fs=fs, columns=["image", "label"] + ["key"] * with_keys, transform=transform,
-                 size=size, mode="L" if m.channels == 1 else "RGB",
-                 shape=output_shape(transform, size or info.image_size, m.channels), counter=_counter(m.root, split))
-    return ds.map_batches(fn, batch_size=None, batch_format="numpy")
+    decode = {"transform": transform, "size": size, "mode": "L" if m.channels == 1 else "RGB",
+              "shape": output_shape(transform, size or info.image_size, m.channels),
+              "counter": _counter(m.root, split)}
+    source = RowGroups(fs, units, ["image", "label"] + ["key"] * with_keys, decode,
+                       shuffle=transform in RANDOM if shuffle is None else shuffle)
+    ds = ray.data.read_datasource(source, override_num_blocks=len(units))
+    # One operator does all the work; Ray's per-operator reservation would hold half the CPUs back
+    # for operators this dataset does not have (measured: one task at a time on a 2-CPU node).
+    ds.context.op_resource_reservation_enabled = False
+    return ds
 
 
-def read_units(units, *, fs, columns, **decode):
-    """Read the row groups named in `units` ({"path": [...], "row_group": [...]}) and decode them."""
-    tables = []
-    for path, group in zip(units["path"], units["row_group"]):
-        with fs.open_input_file(str(path)) as f:
-            tables.append(pq.ParquetFile(f).read_row_group(int(group), columns=columns))
-    t = pa.concat_tables(tables)
-    return decode_batch({c: t[c].to_numpy(zero_copy_only=False) for c in columns}, **decode)
+class RowGroups(ray.data.Datasource):
+    """Shard row groups as Ray Data read tasks: each reads one row group (~8 MB) and decodes its
+    images, so reading and decoding are one step and parallelism is the number of row groups.
+    Ray asks for the read tasks at every execution, i.e. every epoch: with `shuffle` they come
+    in a new random order each time."""
+
+    def __init__(self, fs, units, columns, decode, shuffle):
+        super().__init__()
+        self._fs, self._units, self._columns, self._decode, self._shuffle = fs, units, columns, decode, shuffle
+        self._row_bytes = int(np.prod(decode["shape"]))
+
+    def estimate_inmemory_data_size(self):
+        return int(sum(rows for _, _, rows in self._units) * self._row_bytes)
+
+    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+        order = np.random.default_rng().permutation(len(self._units)) if self._shuffle else range(len(self._units))
+        return [ReadTask(partial(read_row_group, self._fs, path, group, self._columns, self._decode),
+                         BlockMetadata(num_rows=None, size_bytes=int(rows * self._row_bytes), exec_stats=None,
+                                       input_files=[path]),
+                         per_task_row_limit=per_task_row_limit)
+                for path, group, rows in (self._units[i] for i in order)]
+
+
+def read_row_group(fs, path, group, columns, decode):
+    """[one block]: row group `group` of the shard at `path`, decoded."""
+    with fs.open_input_file(path) as f:
+        t = pq.ParquetFile(f).read_row_group(group, columns=columns)
+    batch = decode_batch({c: t[c].to_numpy(zero_copy_only=False) for c in columns}, **decode)
+    return [BlockAccessor.batch_to_block(batch)]
 
 
 def decode_batch(batch, *, transform, size, mode, shape, counter=None):
