@@ -187,9 +187,10 @@ def imagenet_tree(root, val_labels):
     for n in range(1, 7):
         (root / "val" / f"ILSVRC2012_val_{n:08d}.JPEG").write_bytes(encode(next(imgs)))
         truth[n] = wnids[(n * 2) % 3]
-    (root / "LOC_synset_mapping.txt").write_text(
-        "n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\nn01484850 great white shark\n")
+    words = {"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus",
+             "n01484850": "great white shark"}
     if val_labels == "csv":
+        (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} {t}\n" for w, t in words.items()))
         (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
             f"ILSVRC2012_val_{n:08d},{w} 12 34 200 300 {w} 1 2 3 4\n" for n, w in truth.items()))
     else:   # devkit: labels are ILSVRC2012_IDs, which are not in sorted-wnid order
@@ -197,7 +198,7 @@ def imagenet_tree(root, val_labels):
         devkit = root / "ILSVRC2012_devkit_t12" / "data"
         os.makedirs(devkit)
         (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[w]}\n" for w in truth.values()))
-        synsets = np.array([(i, w, w, 0) for w, i in ids.items()] + [(1001, "n00001740", "entity", 3)],
+        synsets = np.array([(i, w, words[w], 0) for w, i in ids.items()] + [(1001, "n00001740", "entity", 3)],
                            dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
         savemat(devkit / "meta.mat", {"synsets": synsets})
     return {f"val/ILSVRC2012_val_{n:08d}.JPEG": wnids.index(w) for n, w in truth.items()}

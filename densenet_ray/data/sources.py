@@ -192,12 +192,21 @@ def _check_labels(labels, n, where, field, low=0):
 
 
 def _synset_names(src, wnids):
-    """Class names from LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca") when present."""
+    """Class names from LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca"), else from the
+    devkit's meta.mat, else the wnids themselves."""
     path = os.path.join(src, "LOC_synset_mapping.txt")
+    meta = os.path.join(src, "ILSVRC2012_devkit_t12", "data", "meta.mat")
     if not os.path.exists(path):
-        return list(wnids)
+        words = {w: text for w, text in _devkit_synsets(meta).values()} if os.path.exists(meta) else {}
+        return [words.get(w, w) for w in wnids]
+    mapping = {}
     with open(path) as f:
-        mapping = dict(line.rstrip("\n").split(" ", 1) for line in f if line.strip())
+        for n, line in enumerate(f, 1):
+            parts = line.split(maxsplit=1)
+            if len(parts) != 2 and line.strip():
+                raise DataError(f"{path}:{n}: {line.strip()!r}; expected '<wnid> <names>'")
+            if parts:
+                mapping[parts[0]] = parts[1].strip()
     return [mapping.get(w, w) for w in wnids]
 
 
@@ -218,7 +227,7 @@ def _val_labels(src):
             if not os.path.exists(meta):
                 raise DataError(f"{meta}: missing; {truth} labels by ILSVRC2012_ID, which the "
                                 "devkit's meta.mat maps to wnids")
-            ids = _devkit_ids(meta)
+            ids = {i: wnid for i, (wnid, _) in _devkit_synsets(meta).items()}
             with open(truth) as f:
                 labels = [int(line) for line in f if line.strip()]
             unknown = [i for i in labels if i not in ids]
@@ -229,12 +238,13 @@ def _val_labels(src):
                     "ILSVRC2012_validation_ground_truth.txt and ILSVRC2012_devkit_t12/data/meta.mat")
 
 
-def _devkit_ids(meta):
-    """{ILSVRC2012_ID: wnid} for the 1000 leaf synsets of the devkit's meta.mat."""
+def _devkit_synsets(meta):
+    """{ILSVRC2012_ID: (wnid, words)} for the 1000 leaf synsets of the devkit's meta.mat."""
     from scipy.io import loadmat
 
     synsets = loadmat(meta, squeeze_me=True)["synsets"]
-    return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    return {int(s["ILSVRC2012_ID"]): (str(s["WNID"]), str(s["words"]))
+            for s in synsets if int(s["num_children"]) == 0}
 
 
 class _NumpyOnly(pickle.Unpickler):

@@ -120,9 +120,10 @@ def inspect(root, grid=None, per_class=8, max_classes=20):
             lines.append(f"  sizes in {info.shards[0].file}: height {h.min()}..{h.max()} (median "
                          f"{int(np.median(h))}), width {w.min()}..{w.max()} (median {int(np.median(w))})")
     shown = list(range(min(m.num_classes, max_classes)))
-    lines.append("classes: " + ", ".join(f"{i} {m.wnids[i]} {m.classes[i]!r} "
-                                         f"({m.splits[next(iter(m.splits))].class_counts[i]})" for i in shown)
-                 + (" ..." if m.num_classes > max_classes else ""))
+    counts = m.splits[next(iter(m.splits))].class_counts
+    lines.append("classes (label, id, name, images in the first split): " + ", ".join(
+        f"{i} {m.wnids[i]}{'' if m.classes[i] == m.wnids[i] else ' ' + repr(m.classes[i])} ({counts[i]})"
+        for i in shown) + (" ..." if m.num_classes > max_classes else ""))
     lines.append(f"made by: {m.created.get('command') or m.created.get('source', '?')} at {m.created.get('at', '?')}")
     if grid:
         _grid(m, fs, base, grid, shown, per_class)
@@ -145,7 +146,7 @@ def _grid(m, fs, base, path, classes, per_class, cell=96):
     canvas = Image.new("RGB", (label_w + per_class * cell, len(classes) * cell), "white")
     draw = ImageDraw.Draw(canvas)
     for row, c in enumerate(classes):
-        draw.text((4, row * cell + cell // 2 - 6), f"{c} {m.classes[c]}"[:24], fill="black")
+        draw.text((4, row * cell + cell // 2 - 6), f"{c}: {m.classes[c]}"[:24], fill="black")
         for col, data in enumerate(picked[c]):
             img = open_image(data).convert("RGB")
             img.thumbnail((cell - 4, cell - 4))
