@@ -13,8 +13,8 @@ Data flows one way: sources (readers of the datasets people have) -> write (shar
 """
 
 from .manifest import DataError, Manifest, Split, check, load_manifest
-from .pipeline import dataset_config, decode_batch, read_split, skipped_rows
+from .pipeline import dataset_config, read_split, skipped_rows
 from .transforms import TRANSFORMS
 
-__all__ = ["DataError", "Manifest", "Split", "TRANSFORMS", "check", "dataset_config", "decode_batch",
-           "load_manifest", "read_split", "skipped_rows"]
+__all__ = ["DataError", "Manifest", "Split", "TRANSFORMS", "check", "dataset_config", "load_manifest",
+           "read_split", "skipped_rows"]
