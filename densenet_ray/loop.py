@@ -78,6 +78,11 @@ def train_loop(config: dict) -> None:
         train_sums, data_wait, train_example = train_one_epoch(train_step, optimizer, scaler, train_shard, prepare,
                                                                cfg, epoch, steps_per_epoch, device)
         train_time = time.perf_counter() - t0
+        if world > 1:
+            # DDP copies rank 0's BatchNorm statistics to the others at the start of each forward, so the
+            # last step left every worker its own: validate the model rank 0 checkpoints and registers.
+            for buffer in net.buffers():
+                dist.broadcast(buffer, 0)
         val_sums, example = evaluate(evaluate_fn, val_shard, prepare, cfg, device)
         example = train_example if example is None else example  # this worker's val share may be empty
         sums = torch.cat([train_sums, val_sums, torch.tensor([data_wait, train_time], device=device)])
