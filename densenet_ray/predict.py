@@ -1,0 +1,247 @@
+"""Batch inference: the top-k classes, with names and probabilities, of every image in a dataset or folder.
+
+    python -m densenet_ray.predict models:/densenet-digits@champion ~/photos --out predictions.parquet
+    python -m densenet_ray.predict models:/densenet-imagenet/3 s3://bucket/imagenet --split val --top-k 5 \\
+        --out val_predictions.parquet
+
+INPUT is a shard dataset (a folder with dataset.json: every split, or --split) or a folder of image
+files (read recursively, hidden files left out) or one image file. Each image goes through the
+model's evaluation transform (as in training's validation) in the model's colour mode. Ray Data
+reads and decodes in tasks; an actor pool (one actor per GPU, else one per two CPUs; --actors) runs
+the model, built once per actor.
+
+The output is one Parquet file with one row per input image, in input order:
+
+    key      the file's path relative to INPUT, or the shard row's source key
+    split    the dataset split (null for files)
+    label    the true label of a shard row (null for files)
+    class_ids, classes, probs   the top-k labels, their class names and softmax probabilities
+    error    why the image could not be used (unreadable, not an image, truncated...), else null
+
+A bad input is a row with its reason, never a failed run; the command lists the first few.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from densenet_ray import models
+from densenet_ray.evaluate import class_probabilities
+
+SCHEMA = pa.schema([
+    ("key", pa.string()), ("split", pa.string()), ("label", pa.int64()),
+    ("class_ids", pa.list_(pa.int32())), ("classes", pa.list_(pa.string())), ("probs", pa.list_(pa.float32())),
+    ("error", pa.string()),
+])
+FILES_PER_TASK = 64
+READ_SCHEMA = pa.schema([("key", pa.string()), ("split", pa.string()), ("label", pa.int64()),
+                         ("image", pa.binary()), ("error", pa.string())])
+
+
+def read_files(batch: dict, root: str) -> pa.Table:
+    """Ray Data task: the bytes of each file in batch["key"] (relative to `root`), or why not."""
+    images, errors = [], []
+    for key in batch["key"]:
+        try:
+            with open(os.path.join(root, key), "rb") as f:
+                images.append(f.read())
+            errors.append(None)
+        except OSError as e:
+            images.append(None)
+            errors.append(f"unreadable: {e.strerror or e}")
+    n = len(images)
+    return pa.table({"key": list(batch["key"]), "split": [None] * n, "label": [None] * n, "image": images,
+                     "error": errors}, schema=READ_SCHEMA)
+
+
+def read_row_group(batch: dict, fs) -> pa.Table:
+    """Ray Data task: the rows of one shard row group, images still encoded."""
+    from densenet_ray.data.manifest import DataError
+
+    tables = []
+    for path, group, split in zip(batch["path"], batch["row_group"], batch["split"]):
+        try:
+            with fs.open_input_file(str(path)) as f:
+                t = pq.ParquetFile(f).read_row_group(int(group), columns=["key", "label", "image"])
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"{path}: row group {group} is not readable: {e}; run "
+                            "`python -m densenet_ray.data verify` on the dataset") from None
+        n = t.num_rows
+        tables.append(pa.table({"key": t["key"], "split": [str(split)] * n, "label": t["label"], "image": t["image"],
+                                "error": pa.nulls(n, pa.string())}, schema=READ_SCHEMA))
+    return pa.concat_tables(tables)
+
+
+def why_unusable(data: bytes | None, err: Exception) -> str:
+    """The reason an image failed, in the converter's words where it has them."""
+    from densenet_ray.data import images
+
+    try:
+        images.load(images.open_image(data))
+    except images.Rejected as rejected:
+        return str(rejected)
+    return f"{type(err).__name__}: {err}"
+
+
+class Predictor:
+    """A Ray Data actor: the model built once, then per batch the top-k of each decodable image."""
+
+    def __init__(self, spec: dict, mean, std, transform: str, size: int, mode: str, classes: list, k: int) -> None:
+        from densenet_ray.data.transforms import TRANSFORMS
+
+        self.net = models.rebuild(spec).to("cuda" if torch.cuda.is_available() else "cpu")
+        self.mean, self.std, self.transform, self.size, self.mode = mean, std, TRANSFORMS[transform], size, mode
+        self.classes, self.k = classes, min(k, len(classes))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from densenet_ray.data.pipeline import DECODE_ERRORS
+
+        errors, pixels, good = batch["error"].to_pylist(), [], []
+        for i, data in enumerate(batch["image"].to_pylist()):
+            if errors[i] is not None:
+                continue
+            try:
+                pixels.append(self.transform(data, self.size, None, self.mode))
+                good.append(i)
+            except DECODE_ERRORS as e:
+                errors[i] = why_unusable(data, e)
+        ids = [None] * batch.num_rows
+        names, probs = list(ids), list(ids)
+        if pixels:
+            p = class_probabilities(self.net, torch.from_numpy(np.stack(pixels)), self.mean, self.std).cpu()
+            top = p.topk(self.k, dim=1)
+            for i, values, indices in zip(good, top.values.tolist(), top.indices.tolist()):
+                ids[i], probs[i], names[i] = indices, values, [self.classes[j] for j in indices]
+        return pa.table({"key": batch["key"], "split": batch["split"], "label": batch["label"], "class_ids": ids,
+                         "classes": names, "probs": probs, "error": errors}, schema=SCHEMA)
+
+
+def inputs(source: str, splits: list[str] | None, model: models.Model):
+    """(Ray dataset of READ_SCHEMA rows, number of inputs, the Manifest or None) for INPUT."""
+    import ray.data
+
+    from densenet_ray import data
+    from densenet_ray.data.manifest import MANIFEST, filesystem
+
+    fs, base = filesystem(source)
+    if "://" in source or fs.get_file_info(f"{base}/{MANIFEST}").type == pafs.FileType.File:
+        m = data.load_manifest(source)
+        models.check_compatible(model, m)
+        splits = splits or list(m.splits)
+        units = [{"path": path, "row_group": g, "split": name} for name in splits
+                 for path, shard in zip(m.shard_paths(name)[1], m.split(name).shards) for g in range(shard.row_groups)]
+        rows = sum(m.split(name).rows for name in splits)
+        ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+        return ds.map_batches(read_row_group, fn_kwargs={"fs": fs}, batch_size=None), rows, m
+    if splits:
+        raise models.ModelError(f"--split {','.join(splits)}: {source} is a folder of files, not a shard dataset "
+                                f"(no {MANIFEST}); leave --split out")
+    if os.path.isfile(source):
+        root, keys = os.path.dirname(os.path.abspath(source)), [os.path.basename(source)]
+    elif os.path.isdir(source):
+        root, keys = source, _files(source)
+    else:
+        raise models.ModelError(f"INPUT {source!r}: no such file or folder; expected a dataset folder "
+                                f"(with {MANIFEST}), a folder of images or an image file")
+    if not keys:
+        raise models.ModelError(f"INPUT {source!r}: a folder without files (hidden ones are left out)")
+    ds = ray.data.from_items([{"key": k} for k in keys], override_num_blocks=math.ceil(len(keys) / FILES_PER_TASK))
+    return ds.map_batches(read_files, fn_kwargs={"root": root}, batch_size=None), len(keys), None
+
+
+def _files(root: str) -> list[str]:
+    """Every non-hidden file under `root`, as sorted paths relative to it."""
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = os.path.relpath(folder, root)
+        out += [os.path.normpath(os.path.join(rel, f)) for f in sorted(files) if not f.startswith(".")]
+    return out
+
+
+def predict(model: models.Model, source: str, out: str, *, splits: list[str] | None = None, top_k: int = 5,
+            actors: int | None = None, batch_size: int = 64, stats: str | None = None) -> dict:
+    """Write the predictions for every image of `source` to the Parquet file `out`; returns
+    {"rows", "errors": [(key, reason)], "normalised with"}. Needs Ray."""
+    import ray.data
+
+    from densenet_ray import data
+
+    ds, expected, manifest = inputs(source, splits, model)
+    mean, std, where = models.normalization(model, fallback=manifest,
+                                            given=data.load_manifest(stats) if stats else None)
+    size, resources = models.pool_size(actors)
+    ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(Predictor, fn_constructor_kwargs={
+        "spec": model.spec(), "mean": mean, "std": std, "transform": model.config.eval_transform,
+        "size": model.image_size, "mode": model.mode, "classes": list(model.classes), "k": top_k},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), batch_size=batch_size, batch_format="pyarrow",
+        **resources)
+    rows, errors = 0, []
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with pq.ParquetWriter(out + ".tmp", SCHEMA) as writer:
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.write_table(table.cast(SCHEMA))
+            rows += table.num_rows
+            bad = table.filter(pa.compute.is_valid(table["error"]))
+            errors += zip(bad["key"].to_pylist(), bad["error"].to_pylist())
+    os.replace(out + ".tmp", out)  # no half-written predictions under the real name
+    if rows != expected:
+        raise data.DataError(f"{source}: {expected} inputs but {rows} predictions; shards changed while reading?")
+    return {"rows": rows, "errors": errors, "normalised with": where}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m densenet_ray.predict", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help=models.ACCEPTED)
+    p.add_argument("input", metavar="INPUT", help="a shard dataset, a folder of image files, or one image file")
+    p.add_argument("--out", required=True, metavar="PREDICTIONS.parquet", help="the Parquet file to write")
+    p.add_argument("--split", help="for a shard dataset: splits to read, comma separated (default: every split)")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image")
+    p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, else one per two CPUs)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per actor call")
+    p.add_argument("--stats", metavar="DATASET", help="dataset whose mean/std normalise the images (default: the "
+                   "training data's, read from the run's config)")
+    p.add_argument("--mlflow-tracking-uri", help="where models:/ and runs:/ live (default: $MLFLOW_TRACKING_URI, "
+                   "else the embedded store)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a model that needs pickle to load "
+                   "(it can run any code): only for models from people you trust")
+    args = p.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1 or (args.actors is not None and args.actors < 1):
+        p.error("--top-k, --batch-size and --actors: expected positive integers")
+    from densenet_ray.data import DataError
+    from densenet_ray.tracking_uri import TrackingError
+
+    try:
+        model = models.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
+        models.connect_ray()
+        result = predict(model, args.input, args.out, splits=args.split.split(",") if args.split else None,
+                         top_k=args.top_k, actors=args.actors, batch_size=args.batch_size, stats=args.stats)
+    except (models.ModelError, DataError, TrackingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    errors = result["errors"]
+    print(f"[densenet_ray] {model.name}: {result['rows']} images -> {args.out} (normalised with the mean/std of "
+          f"{result['normalised with']}); {len(errors)} could not be used" + (":" if errors else ""), flush=True)
+    for key, reason in errors[:10]:
+        print(f"  {key}: {reason}")
+    if len(errors) > 10:
+        print(f"  ... and {len(errors) - 10} more: the rows whose error is not null")
+    return 0
+
+
+if __name__ == "__main__":
+    # The imported copy's main: Ray ships the actor class by reference to densenet_ray.predict, not to __main__.
+    from densenet_ray.predict import main as imported_main
+
+    sys.exit(imported_main())
