@@ -153,3 +153,19 @@ def test_normalisation_is_the_training_datas_else_says_what_to_pass(tmp_path):
     with pytest.raises(models.ModelError, match="--stats .* 3-channel"):
         models.normalization(model, given=manifest(channels=3, mean=(0.3,) * 3, std=(0.4,) * 3))
     assert os.path.exists(tmp_path / "tiny")
+
+
+def test_results_of_a_model_whose_run_is_elsewhere_go_to_a_new_run(tmp_path):
+    write_checkpoint(tmp_path / "tiny", digits_net(0).state_dict(), run_id="0123456789abcdef")  # another store's
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    model = models.load(str(tmp_path / "tiny"), tracking_uri=uri)
+    (tmp_path / "note.json").write_text("{}")
+    run_id = models.record(model, metrics={"eval_val_top1_err": 0.5}, tags={"eval_val_data": "/d"},
+                           artifacts=[str(tmp_path / "note.json")], artifact_dir="analysis")
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert (run.info.run_name, run.info.status) == ("eval-tiny", "FINISHED")
+    assert run.data.metrics == {"eval_val_top1_err": 0.5}
+    assert run.data.tags["densenet_ray.model"] == str(tmp_path / "tiny") and run.data.tags["eval_val_data"] == "/d"
+    assert [a.path for a in client.list_artifacts(run_id, "analysis")] == ["analysis/note.json"]
+    assert client.get_experiment(run.info.experiment_id).name == "densenet_ray"
