@@ -101,8 +101,8 @@ def summary(model: models.Model) -> dict:
             "gmacs": count_macs(net, model.image_size) / 1e9}
 
 
-def analyze(model: models.Model, out: str) -> dict[str, str]:
-    """Write the heat map, its numbers and the summary into `out`; returns {what: path}."""
+def analyze(model: models.Model, out: str) -> tuple[dict[str, str], dict]:
+    """Write the heat map, its numbers and the summary into `out`; returns ({what: path}, summary)."""
     os.makedirs(out, exist_ok=True)
     blocks = feature_reuse(model.net)
     paths = {k: os.path.join(out, f) for k, f in
@@ -111,12 +111,20 @@ def analyze(model: models.Model, out: str) -> dict[str, str]:
     plot(blocks, f"{model.name}: {facts['arch']}, depth {facts['depth']}, k={facts['growth_rate']}  -  "
                  "average absolute filter weights (Figure 5)", paths["png"])
     with open(paths["json"], "w") as f:
-        json.dump({"rows": "source s (0 = the block's input)", "columns": "target layer 1..L, then transition/"
-                   "classifier", "blocks": [[[None if np.isnan(v) else round(float(v), 6) for v in row] for row in m]
-                                            for m in blocks]}, f, indent=1)
+        f.write(_matrices_json(blocks))
     with open(paths["summary"], "w") as f:
         json.dump(facts, f, indent=2)
-    return paths
+    return paths, facts
+
+
+def _matrices_json(blocks: list[np.ndarray]) -> str:
+    """{"rows", "columns", "blocks": [matrix, ...]} with one matrix row per line, null where empty."""
+    def row(values):
+        return json.dumps([None if np.isnan(v) else round(float(v), 6) for v in values])
+
+    matrices = ",\n".join("  [\n" + ",\n".join("   " + row(r) for r in m) + "\n  ]" for m in blocks)
+    return ('{\n "rows": "source s, 0 = the block\'s input",\n "columns": "target layer 1..L, then the transition '
+            '(classifier after the last block)",\n "blocks": [\n' + matrices + "\n ]\n}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = models.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
         with torch.no_grad():
-            paths = analyze(model, args.out)
-        facts = json.load(open(paths["summary"]))
+            paths, facts = analyze(model, args.out)
         print(f"[densenet_ray] {model.name}: {facts['arch']}, depth {facts['depth']}, k={facts['growth_rate']}, "
               f"blocks {facts['block_config']}, {facts['params']:,} parameters, {facts['gmacs']:.4f} GMACs at "
               f"{facts['input_size']}x{facts['input_size']}")

@@ -147,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or (args.actors is not None and args.actors < 1):
         p.error("--batch-size and --actors: expected positive integers")
     from densenet_ray.data import DataError
-    from densenet_ray.tracking_uri import TrackingError
+    from densenet_ray.tracking_uri import TrackingError, check_tracking
 
     try:
         model = models.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
         root, split = args.data or model.config.data, args.split or model.config.val_split
+        if not args.no_log:
+            check_tracking(models.tracking_uri(model))  # seconds now, rather than a lost result later
         models.connect_ray()
         results = evaluate(model, root, split, ten_crop=args.ten_crop, actors=args.actors,
                            batch_size=args.batch_size)

@@ -122,6 +122,12 @@ def _resolve_uri(flag: str | None, cfg: TrainConfig | None = None) -> str:
     return resolve_tracking_uri(flag or (cfg.mlflow_tracking_uri if cfg else None))
 
 
+def tracking_uri(model: Model) -> str:
+    """The tracking store results of `model` are logged to: the one it came from (models:/, runs:/),
+    else --mlflow-tracking-uri, else its run's own, else $MLFLOW_TRACKING_URI or the embedded store."""
+    return _resolve_uri(model.tracking_uri, model.config)
+
+
 # --- models:/ and runs:/ -----------------------------------------------------------------------
 
 _MODELS = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
@@ -320,7 +326,7 @@ def pool_size(actors: int | None) -> tuple[int, dict]:
     total = ray.cluster_resources()
     gpus, cpus = int(total.get("GPU", 0)), total.get("CPU", 0)
     if gpus:
-        return min(actors or gpus, gpus), {"num_gpus": 1, "num_cpus": 1}
+        return min(actors or gpus, gpus), {"num_gpus": 1}
     n = actors or max(1, int(cpus // 2))
     if cpus - n < 1:
         raise ModelError(f"--actors {n}: the Ray cluster has {cpus:g} CPUs and each inference actor reserves one; "
@@ -342,7 +348,7 @@ def record(model: Model, *, metrics: dict | None = None, tags: dict | None = Non
 
     from densenet_ray.tracking_uri import artifact_root
 
-    uri = _resolve_uri(model.tracking_uri, model.config)
+    uri = tracking_uri(model)
     client = MlflowClient(uri)
     run_id = model.run_id
     if run_id:
