@@ -14,7 +14,8 @@ def ray_local():
     if not ray.is_initialized():
         # 4 logical CPUs on a 2-core machine: two 1-CPU training workers must leave room for
         # Ray Data's read/decode tasks, or the pipeline starves and the test hangs.
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        # address="local": always a fresh instance of our own, never a cluster `ray start` left here.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     yield ray
     ray.shutdown()
@@ -43,6 +44,7 @@ class RayNodes:
         self.env = {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
         self.env.pop("RAY_ADDRESS", None)
         self.nodes = {}
+        self.temp_dirs = []
         self.gcs_port, self.dashboard_port = free_port(), free_port()
 
     @property
@@ -55,11 +57,17 @@ class RayNodes:
 
     def start(self, name: str, *, head: bool = False, num_cpus: int = 2, resources: str | None = None) -> None:
         import subprocess
+        import tempfile
         import time
 
+        # A temp dir of each node's own, as on separate machines: nodes sharing one unpack the job's
+        # working_dir into the same folder, one while the other's driver imports from it. Short:
+        # it holds Unix sockets (107 characters at most).
+        self.temp_dirs.append(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
         args = [os.path.join(self.bin, "ray"), "start", "--block", f"--num-cpus={num_cpus}",
                 f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-                f"--runtime-env-agent-port={free_port()}", "--node-ip-address=127.0.0.1"]
+                f"--runtime-env-agent-port={free_port()}", "--node-ip-address=127.0.0.1",
+                f"--temp-dir={self.temp_dirs[-1]}"]
         if head:
             args += ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
                      f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
@@ -68,28 +76,41 @@ class RayNodes:
             args += [f"--address={self.address}"]
         if resources:
             args += [f"--resources={resources}"]
+        before = 0 if head else self.alive_nodes()
         log = open(self.tmp / f"ray-{name}.log", "w")
         self.nodes[name] = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         deadline = time.monotonic() + 120
-        while not self._up(head):
+        while not (self._dashboard_up() if head else self.alive_nodes() > before):
             if self.nodes[name].poll() is not None or time.monotonic() > deadline:
+                self.stop(name)
                 raise RuntimeError(f"ray start for {name} failed:\n{(self.tmp / f'ray-{name}.log').read_text()}")
             time.sleep(1)
 
-    def _up(self, head: bool) -> bool:
+    def _dashboard_up(self) -> bool:
         import urllib.request
 
-        if not head:
-            import time
-
-            time.sleep(8)  # a joining node registers within seconds; the tests check the node count
-            return True
-        try:
-            urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2)
+        try:  # public under token authentication (/api/version answers 401 without the token)
+            urllib.request.urlopen(f"{self.dashboard}/api/gcs_healthz", timeout=2)
             return True
         except OSError:
             return False
+
+    def alive_nodes(self) -> int:
+        """Nodes the cluster counts as alive (0 while the dashboard does not answer)."""
+        import json
+        import urllib.request
+        from pathlib import Path
+
+        # `ray start --head` writes ~/.ray/auth_token unless RAY_AUTH_TOKEN gives one.
+        token = self.env.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").read_text().strip()
+        request = urllib.request.Request(f"{self.dashboard}/api/v0/nodes?limit=1000",
+                                         headers={"Authorization": f"Bearer {token}"})
+        try:
+            rows = json.loads(urllib.request.urlopen(request, timeout=10).read())["data"]["result"]["result"]
+        except (OSError, ValueError, KeyError):
+            return 0
+        return sum(row["state"] == "ALIVE" for row in rows)
 
     def stop(self, name: str) -> None:
         import signal
@@ -104,8 +125,12 @@ class RayNodes:
                 proc.wait()
 
     def stop_all(self) -> None:
+        import shutil
+
         for name in reversed(list(self.nodes)):
             self.stop(name)
+        for folder in self.temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture()

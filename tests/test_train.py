@@ -110,10 +110,13 @@ def train_in_thread(cfg):
     return thread, box
 
 
-def wait_for(path: str, timeout: float = 600) -> None:
+def wait_for_checkpoint(storage: str, run_name: str, epoch: int, timeout: float = 600) -> None:
+    """Until Ray Train has registered the checkpoint of `epoch` (its controller records it in the
+    run's checkpoint-manager snapshot some seconds after the worker reported it)."""
+    snapshot = os.path.join(storage, run_name, "checkpoint_manager_snapshot.json")
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} never appeared"
+    while not (os.path.exists(snapshot) and f'"epoch_{epoch:04d}"' in open(snapshot).read()):
+        assert time.monotonic() < deadline, f"checkpoint of epoch {epoch} never registered in {snapshot}"
         time.sleep(0.5)
 
 
@@ -126,7 +129,7 @@ def train_workers() -> list[psutil.Process]:
 def test_killed_worker_resumes_from_the_last_checkpoint(digits_data, places):
     cfg = C.from_args(flags(digits_data, places, "--run-name", "fault", "--epochs", "5", "--max-failures", "2"))
     thread, box = train_in_thread(cfg)
-    wait_for(os.path.join(places["storage"], "fault", "epoch_0001"))
+    wait_for_checkpoint(places["storage"], "fault", 1)
     victims = train_workers()
     assert len(victims) == 2
     victims[-1].send_signal(signal.SIGKILL)  # from outside, as a node failure would
@@ -148,7 +151,7 @@ def test_resubmitted_run_resumes_after_its_driver_was_killed(digits_data, places
     driver = subprocess.Popen([sys.executable, "-m", "densenet_ray.train", *argv], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(os.path.join(places["storage"], "driverless", "epoch_0001"))
+        wait_for_checkpoint(places["storage"], "driverless", 1)
     finally:
         driver.kill()
         driver.wait()
