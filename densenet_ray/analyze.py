@@ -63,8 +63,8 @@ def feature_reuse(net: DenseNet) -> list[np.ndarray]:
 
 
 def plot(blocks: list[np.ndarray], title: str, path: str) -> None:
-    """Figure 5: one heat map per dense block, target layer across, source layer down; the column
-    after each block (transition, classifier) boxed."""
+    """Figure 5: one heat map per dense block, target layer across, source layer down, on the paper's
+    fixed 0..1 scale; the column after each block (transition, classifier) boxed."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display
     from matplotlib.patches import Rectangle
 
@@ -74,11 +74,16 @@ def plot(blocks: list[np.ndarray], title: str, path: str) -> None:
         n = m.shape[0]
         image = ax.imshow(np.ma.masked_invalid(m), cmap="jet", vmin=0, vmax=1, origin="upper",
                           extent=(0.5, n + 0.5, n - 0.5, -0.5))
+        if n <= 13:  # small blocks (CIFAR's L=40 has 13 per block) get their numbers written in
+            for (s, col), v in np.ndenumerate(m):
+                if not np.isnan(v):
+                    ax.text(col + 1, s, f"{v:.2f}", ha="center", va="center", fontsize=8 if n <= 8 else 5,
+                            color="white" if v > 0.75 or v < 0.25 else "black")
         last = "Classification layer" if b == len(blocks) else f"Transition layer {b}"
         ax.add_patch(Rectangle((n - 0.5, -0.5), 1, n, fill=False, edgecolor="black", linewidth=2))
         ticks = _ticks(n)
-        ax.set_xticks([t + 1 for t in ticks if t + 1 <= n - 1] + [n],
-                      [str(t + 1) for t in ticks if t + 1 <= n - 1] + ["T" if b < len(blocks) else "C"])
+        layers = [t + 1 for t in ticks if t + 1 < n - (len(ticks) < n)]  # no label crowding the T/C one
+        ax.set_xticks(layers + [n], [str(t) for t in layers] + ["T" if b < len(blocks) else "C"])
         ax.set_yticks(ticks, [str(t) for t in ticks])
         ax.set(title=f"Dense block {b}", xlabel=f"Target layer (l); last column: {last}",
                ylabel="Source layer (s); 0: the block's input")

@@ -27,6 +27,7 @@ import posixpath
 import re
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import torch
@@ -45,6 +46,8 @@ class ModelError(Exception):
 
 @dataclass
 class Model:
+    """A trained DenseNet and what is known about it: its configuration, classes and MLflow run."""
+
     net: DenseNet                 # eval mode, on the CPU
     config: TrainConfig           # the training run's
     classes: list[str]            # display names in label order
@@ -166,7 +169,7 @@ def _from_mlflow(source: str, tracking_uri: str | None, trust_pickle: bool) -> M
     try:
         run = client.get_run(run_id)
         with tempfile.TemporaryDirectory() as tmp:
-            cfg_dict = json.loads(open(client.download_artifacts(run_id, "config.json", tmp)).read())
+            cfg_dict = json.loads(Path(client.download_artifacts(run_id, "config.json", tmp)).read_text())
             index = _class_index(client, run_id, tmp)
     except MlflowException as e:
         raise ModelError(f"{source}: run {run_id} in {uri} has no config.json ({e.message}); only models "
@@ -177,8 +180,8 @@ def _from_mlflow(source: str, tracking_uri: str | None, trust_pickle: bool) -> M
     if not isinstance(module, torch.nn.Module):
         raise ModelError(f"{source}: loaded a {type(module).__name__}, not a torch module")
     net = _network(cfg, module.state_dict(), source)
-    classes = [name for _, name in index] if index else [str(i) for i in range(net.classifier.out_features)]
-    wnids = [wnid for wnid, _ in index] if index else classes
+    classes = [c for _, c in index] if index else [str(i) for i in range(net.classifier.out_features)]
+    wnids = [w for w, _ in index] if index else classes
     return Model(net, cfg, classes, wnids, source, label, run_id, uri, logged)
 
 
@@ -187,7 +190,7 @@ def _class_index(client, run_id: str, tmp: str) -> list | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        doc = json.loads(open(client.download_artifacts(run_id, "class_index.json", tmp)).read())
+        doc = json.loads(Path(client.download_artifacts(run_id, "class_index.json", tmp)).read_text())
     except (MlflowException, OSError):
         return None
     return [tuple(doc[str(i)]) for i in range(len(doc))]
