@@ -30,6 +30,7 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -188,13 +189,17 @@ def predict(model: models.Model, source: str, out: str, *, splits: list[str] | N
         **resources)
     rows, errors = 0, []
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with pq.ParquetWriter(out + ".tmp", SCHEMA) as writer:
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.write_table(table.cast(SCHEMA))
-            rows += table.num_rows
-            bad = table.filter(pa.compute.is_valid(table["error"]))
-            errors += zip(bad["key"].to_pylist(), bad["error"].to_pylist())
-    os.replace(out + ".tmp", out)  # no half-written predictions under the real name
+    try:
+        with pq.ParquetWriter(out + ".tmp", SCHEMA) as writer:
+            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                writer.write_table(table.cast(SCHEMA))
+                rows += table.num_rows
+                bad = table.filter(pc.is_valid(table["error"]))
+                errors += zip(bad["key"].to_pylist(), bad["error"].to_pylist())
+        os.replace(out + ".tmp", out)  # no half-written predictions under the real name
+    finally:
+        if os.path.exists(out + ".tmp"):
+            os.remove(out + ".tmp")
     if rows != expected:
         raise data.DataError(f"{source}: {expected} inputs but {rows} predictions; shards changed while reading?")
     return {"rows": rows, "errors": errors, "normalised with": where}
