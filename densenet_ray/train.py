@@ -69,21 +69,58 @@ def connect_ray(cfg: C.TrainConfig) -> None:
     import ray
 
     if not ray.is_initialized():
+        local = {"num_cpus": max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + 2)}
+        recorded = _recorded_cluster()
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
+        elif recorded and not _answers(recorded):
+            print(f"[densenet_ray] the Ray cluster recorded at {recorded} does not answer (stopped without "
+                  f"`ray stop`?); starting a local Ray instead", flush=True)
+            ray.init(address="local", **local)
         else:
             try:  # starts a local Ray, unless `ray start` left a cluster on this machine to join
-                ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + 2))
+                ray.init(**local)
             except ValueError as err:  # "When connecting to an existing cluster, num_cpus ... must not be provided"
                 if "existing cluster" not in str(err):
                     raise
                 ray.init()
-    total = ray.cluster_resources().get("CPU", 0)
+    # An autoscaling cluster may start below the job's size: judge the most it can grow to.
+    total = max(ray.cluster_resources().get("CPU", 0), _autoscaler_max_cpus())
     reserved = cfg.workers * cfg.cpus_per_worker
     if total - reserved < 1:
         raise ValueError(f"the Ray cluster has {total:g} CPUs and {cfg.workers} training workers reserve "
                          f"{reserved:g} (--workers x --cpus-per-worker); Ray Data needs at least one more CPU to "
                          f"read and decode images: lower --cpus-per-worker or --workers, or add CPU nodes")
+
+
+def _recorded_cluster() -> str | None:
+    """The GCS address `ray start --head` left on this machine for `ray.init()` to join, if any."""
+    path = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _answers(address: str) -> bool:
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _autoscaler_max_cpus() -> float:
+    try:  # Ray Train sizes against the same figure; a private API, so only a hint
+        from ray._private.state import state
+
+        return (state.get_max_resources_from_cluster_config() or {}).get("CPU", 0)
+    except (ImportError, AttributeError):
+        return 0
 
 
 def preflight(cfg: C.TrainConfig) -> tuple[str, data.Manifest]:

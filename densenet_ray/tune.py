@@ -32,7 +32,7 @@ def trial_name(sweep: str, trial_id: str) -> str:
     return f"{sweep}-{trial_id}"
 
 
-def run_trial(config: dict) -> None:
+def run_trial(config: dict, sweep: dict) -> None:
     """One Tune trial: a whole training run of `config["params"]` on top of the sweep's base."""
     import ray.tune
     from mlflow import MlflowClient
@@ -40,7 +40,6 @@ def run_trial(config: dict) -> None:
 
     from densenet_ray.tracking import RunLogger, end_run
 
-    sweep = config["sweep"]
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = C.from_dict(sweep["base"]).replace(**config["params"], run_name=trial_name(sweep["name"], trial_id))
     done = completed_history(cfg)
@@ -168,8 +167,9 @@ def plot(rows: list[dict], title: str) -> bytes:
     return buf.getvalue()
 
 
-def close_stopped_trials(rows: list[dict], uri: str, experiment: str, sweep: str) -> None:
-    """Trials the scheduler stopped were killed mid-run: close their MLflow runs, marked as such."""
+def close_trial_runs(rows: list[dict], uri: str, experiment: str, sweep: str) -> None:
+    """Close the MLflow runs their trials left open: those the scheduler stopped (killed mid-run,
+    marked as such) and any trial killed after its last epoch."""
     from mlflow import MlflowClient
 
     from densenet_ray.tracking import end_run
@@ -177,13 +177,17 @@ def close_stopped_trials(rows: list[dict], uri: str, experiment: str, sweep: str
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     for r in rows:
-        if r["status"] != "stopped early":
+        if r["status"] == "error":  # the trainer marked it FAILED
             continue
         for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{r['trial_id']}' "
                                       f"and tags.`{SWEEP_TAG}` = '{sweep}'"):
-            if run.info.status == "RUNNING":
+            if run.info.status != "RUNNING":
+                continue
+            if r["status"] == "stopped early":
                 end_run(uri, run.info.run_id, "KILLED", {"densenet_ray.stopped_early": "true",
                                                          "densenet_ray.epochs_run": r["epochs_run"]})
+            else:
+                end_run(uri, run.info.run_id, "FINISHED")
 
 
 def register_best(rows: list[dict], results, sweep_base: C.TrainConfig, uri: str, registered: str):
@@ -277,7 +281,8 @@ def sweep(args, space, base: C.TrainConfig, name: str, trials: list[dict], skipp
         parent.log_artifact_dict("space.json", {"file": args.space, "text": f.read(), "trials": trials,
                                                 "skipped": [[p, r] for p, r in skipped]})
     sweep_info = {"name": name, "base": C.to_dict(base), "uri": uri, "parent_run_id": parent.run_id}
-    trainable = ray.tune.with_resources(run_trial, {"cpu": 0})  # it only waits; its trainer's workers compute
+    # The trial function only waits on its trainer, whose workers reserve the real CPUs/GPUs (Ray refuses 0).
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, sweep=sweep_info), {"cpu": 0.01})
     storage = os.path.join(base.storage, "tune")
     path = os.path.join(storage, name)
     if args.resume:
@@ -285,14 +290,16 @@ def sweep(args, space, base: C.TrainConfig, name: str, trials: list[dict], skipp
             raise ValueError(f"--resume: no sweep {name!r} to continue in {storage}")
         print(f"[densenet_ray] resuming sweep {name!r}: finished trials are kept", flush=True)
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                       param_space={"sweep": sweep_info, "params": ray.tune.grid_search(trials)})
+                                       param_space={"params": ray.tune.grid_search(trials)})
     else:
-        scheduler = (ASHAScheduler(max_t=base.epochs, grace_period=space.scheduler.grace_period,
+        # max_t one past the last epoch: ASHA stops a trial at max_t, which would kill a trial that
+        # reached its last epoch before it ends its MLflow run; this way it ends on its own.
+        scheduler = (ASHAScheduler(max_t=base.epochs + 1, grace_period=space.scheduler.grace_period,
                                    reduction_factor=space.scheduler.reduction_factor)
                      if space.scheduler.type == "asha" else FIFOScheduler())
         tuner = ray.tune.Tuner(
             trainable,
-            param_space={"sweep": sweep_info, "params": ray.tune.grid_search(trials)},
+            param_space={"params": ray.tune.grid_search(trials)},
             tune_config=ray.tune.TuneConfig(metric=space.scheduler.metric, mode=space.scheduler.mode,
                                             scheduler=scheduler, max_concurrent_trials=space.max_concurrent),
             run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=1),
@@ -304,7 +311,7 @@ def sweep(args, space, base: C.TrainConfig, name: str, trials: list[dict], skipp
     parent.log_artifact_dict("trials.json", rows)
     parent.log_file("trials.csv", to_csv(rows).encode())
     parent.log_file("error_vs_params.png", plot(rows, f"{name}: validation error against parameters"))
-    close_stopped_trials(rows, uri, base.experiment, name)
+    close_trial_runs(rows, uri, base.experiment, name)
     best = register_best(rows, list(results), base, uri, base.registered_model)
     if best:
         trial_id, version, err = best

@@ -15,7 +15,10 @@ def ray_local():
         # 4 logical CPUs on a 2-core machine: two 1-CPU training workers must leave room for
         # Ray Data's read/decode tasks, or the pipeline starves and the test hangs.
         # address="local": always a fresh instance of our own, never a cluster `ray start` left here.
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+        # The dashboard, as on every real cluster: Ray Train's PlacementGroupCleaner asks its state
+        # API whether a controller died (a Tune trial stopped early) and frees its workers' CPUs.
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=free_port(), log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     yield ray
     ray.shutdown()
@@ -119,7 +122,7 @@ class RayNodes:
         if proc and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=15)  # `ray start --block` takes ~30 s to wind down; nothing to keep
             except Exception:  # noqa: BLE001 - escalate below
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -131,6 +134,10 @@ class RayNodes:
             self.stop(name)
         for folder in self.temp_dirs:
             shutil.rmtree(folder, ignore_errors=True)
+        # `ray start --head` recorded this cluster for later `ray.init()` calls to join: forget it.
+        recorded = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
+        if os.path.exists(recorded) and open(recorded).read().strip().endswith(f":{self.gcs_port}"):
+            os.remove(recorded)
 
 
 @pytest.fixture()

@@ -8,6 +8,7 @@ runs, upload artifacts through its proxy and register models.
 """
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -89,12 +90,14 @@ def server(tmp_path):
             break
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                os.killpg(process.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
                 pytest.fail("the server of cluster/kuberay/mlflow.yaml did not start (`pip install mlflow[auth]` "
                             f"if Flask-WTF is missing):\n{(tmp_path / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
     yield {"uri": uri, "port": port, "admin": ("admin", password), "artifacts": tmp_path / "artifacts"}
-    os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:

@@ -1,6 +1,7 @@
 """Tune search spaces: validation with key paths, dry runs of every shipped space, and a real
 ASHA sweep on digits that is interrupted and resumed."""
 
+import contextlib
 import glob
 import os
 import signal
@@ -118,12 +119,14 @@ def test_digits_sweep_is_interrupted_resumed_and_reported(tmp_path, ray_local):
     argv = [os.path.join(REPO, "tune_spaces", "digits.yaml"), "--name", "sweep", "--data", str(tmp_path / "digits"),
             "--storage", str(tmp_path / "runs"), "--mlflow-tracking-uri", uri]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([sys.executable, "-m", "densenet_ray.tune", *argv], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "densenet_ray.tune", *argv], env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 900
         while True:  # until one trial's run is complete
-            assert time.monotonic() < deadline and driver.poll() is None
+            assert time.monotonic() < deadline and driver.poll() is None, log.read_text()[-5000:]
             if os.path.exists(tmp_path / "mlflow.db"):
                 _, _, children = child_runs(uri, "sweep")
                 finished = [c for c in children if c.info.status == "FINISHED"]
@@ -131,7 +134,8 @@ def test_digits_sweep_is_interrupted_resumed_and_reported(tmp_path, ray_local):
                     break
             time.sleep(2)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     first = finished[0]
     first_points = len(MlflowClient(uri).get_metric_history(first.info.run_id, "val_top1_err"))

@@ -32,6 +32,7 @@ from PIL import Image
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import ReadTask
 from ray.train import DataConfig
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .counter import Counter
 from .manifest import DataError, load_manifest
@@ -179,4 +180,6 @@ def _counter_name(root, split):
 
 def _counter(root, split):
     """The job's named counter actor for (root, split); owned by whoever calls read_split first."""
-    return Counter.options(name=_counter_name(root, split), get_if_exists=True).remote()
+    # Pinned to the driver's node: a counter on a worker node that dies would fail every retry.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Counter.options(name=_counter_name(root, split), get_if_exists=True, scheduling_strategy=here).remote()
