@@ -23,7 +23,6 @@ three to the model's MLflow run under analysis/ (--no-log skips that).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -133,15 +132,9 @@ def _matrices_json(blocks: list[np.ndarray]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m densenet_ray.analyze", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help=models.ACCEPTED)
+    p = models.argument_parser("analyze", __doc__, logs=True)
     p.add_argument("--out", default="analysis", metavar="DIR", help="folder for the PNG and JSON files")
-    p.add_argument("--mlflow-tracking-uri", help="where models:/ and runs:/ live and results are logged "
-                   "(default: $MLFLOW_TRACKING_URI, else the embedded store)")
     p.add_argument("--no-log", action="store_true", help="write files only; log nothing to MLflow")
-    p.add_argument("--trust-pickle", action="store_true", help="allow a model that needs pickle to load "
-                   "(it can run any code): only for models from people you trust")
     args = p.parse_args(argv)
     from densenet_ray.tracking_uri import TrackingError
 

@@ -22,7 +22,6 @@ _loss, _images and eval_SPLIT_tencrop_top1_err, ...; --no-log skips that.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
@@ -130,19 +129,13 @@ def report(model: models.Model, results: dict[str, dict], root: str, split: str)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m densenet_ray.evaluate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help=models.ACCEPTED)
+    p = models.argument_parser("evaluate", __doc__, logs=True)
     p.add_argument("data", metavar="DATA", nargs="?", help="dataset folder or URI (default: the training data)")
     p.add_argument("--split", help="split to evaluate (default: the run's validation split, e.g. val)")
     p.add_argument("--ten-crop", action="store_true", help="also the 10-crop test (Table 3), reported separately")
     p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, else one per two CPUs)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch and actor call")
-    p.add_argument("--mlflow-tracking-uri", help="where models:/ and runs:/ live and results are logged "
-                   "(default: $MLFLOW_TRACKING_URI, else the embedded store)")
     p.add_argument("--no-log", action="store_true", help="print only; log nothing to MLflow")
-    p.add_argument("--trust-pickle", action="store_true", help="allow a model that needs pickle to load "
-                   "(it can run any code): only for models from people you trust")
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.actors is not None and args.actors < 1):
         p.error("--batch-size and --actors: expected positive integers")

@@ -25,7 +25,6 @@ channel on the 0..1 scale, the eval transform and size), the source model and it
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -195,18 +194,12 @@ def default_out(model: models.Model, fmt: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m densenet_ray.export", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help=models.ACCEPTED)
+    p = models.argument_parser("export", __doc__, logs=False)
     p.add_argument("--format", required=True, choices=list(FORMATS), help="see the module docstring")
     p.add_argument("--out", metavar="FILE", help="default: the model's name with .pt2, .ts.pt or .safetensors; "
                    "the sidecar is FILE.json")
     p.add_argument("--stats", metavar="DATASET", help="dataset whose mean/std go into the sidecar (default: the "
                    "training data's, read from the run's config)")
-    p.add_argument("--mlflow-tracking-uri", help="where models:/ and runs:/ live (default: $MLFLOW_TRACKING_URI, "
-                   "else the embedded store)")
-    p.add_argument("--trust-pickle", action="store_true", help="allow a model that needs pickle to load "
-                   "(it can run any code): only for models from people you trust")
     args = p.parse_args(argv)
     from densenet_ray.data import DataError, load_manifest
     from densenet_ray.tracking_uri import TrackingError

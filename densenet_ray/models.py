@@ -19,6 +19,7 @@ registry.load_registered_model; a model that needs pickle is refused unless trus
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -38,6 +39,19 @@ from densenet_ray.model import DenseNet, build
 CHECKPOINT_FILE = "state.pt"  # loop.STATE_FILE; not imported: loop.py imports Ray Train
 ACCEPTED = ("models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/model], or a checkpoint: "
             "STORAGE/RUN_NAME (its newest epoch), STORAGE/RUN_NAME/epoch_NNNN or .../state.pt")
+
+
+def argument_parser(module: str, doc: str, *, logs: bool) -> argparse.ArgumentParser:
+    """The command line every command on a trained model starts from: MODEL, where it lives
+    (--mlflow-tracking-uri; `logs`: results are logged there too) and --trust-pickle."""
+    p = argparse.ArgumentParser(prog=f"python -m densenet_ray.{module}", description=doc.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help=ACCEPTED)
+    p.add_argument("--mlflow-tracking-uri", help="where models:/ and runs:/ live" + (" and results are logged"
+                   if logs else "") + " (default: $MLFLOW_TRACKING_URI, else the embedded store)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a model that needs pickle to load "
+                   "(it can run any code): only for models from people you trust")
+    return p
 
 
 class ModelError(Exception):

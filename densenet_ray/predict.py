@@ -23,7 +23,6 @@ A bad input is a row with its reason, never a failed run; the command lists the 
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -206,9 +205,7 @@ def predict(model: models.Model, source: str, out: str, *, splits: list[str] | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m densenet_ray.predict", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help=models.ACCEPTED)
+    p = models.argument_parser("predict", __doc__, logs=False)
     p.add_argument("input", metavar="INPUT", help="a shard dataset, a folder of image files, or one image file")
     p.add_argument("--out", required=True, metavar="PREDICTIONS.parquet", help="the Parquet file to write")
     p.add_argument("--split", help="for a shard dataset: splits to read, comma separated (default: every split)")
@@ -217,10 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="images per actor call")
     p.add_argument("--stats", metavar="DATASET", help="dataset whose mean/std normalise the images (default: the "
                    "training data's, read from the run's config)")
-    p.add_argument("--mlflow-tracking-uri", help="where models:/ and runs:/ live (default: $MLFLOW_TRACKING_URI, "
-                   "else the embedded store)")
-    p.add_argument("--trust-pickle", action="store_true", help="allow a model that needs pickle to load "
-                   "(it can run any code): only for models from people you trust")
     args = p.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1 or (args.actors is not None and args.actors < 1):
         p.error("--top-k, --batch-size and --actors: expected positive integers")

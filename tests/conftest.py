@@ -4,6 +4,7 @@ busy 2-core machine makes every extra start expensive)."""
 import os
 
 import pytest
+from servers import free_port
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +25,17 @@ def ray_local():
     ray.shutdown()
 
 
-def free_port() -> int:
-    import socket
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory):
+    """An empty MLflow database, made once: creating a new one takes seconds of migrations."""
+    import contextlib
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("template")
+    with contextlib.chdir(folder):  # where the Default experiment keeps its artifacts: ./mlruns
+        MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()
+    return folder / "mlflow.db"
 
 
 class RayNodes:

@@ -8,32 +8,23 @@ runs, upload artifacts through its proxy and register models.
 """
 
 import base64
-import contextlib
 import json
 import os
 import re
 import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 from cluster_files import KUBERAY, documents, of_kind
 from mlflow import MlflowClient
+from servers import free_port, stop_group, wait_until_healthy
 
 from densenet_ray.tracking import TrackingError, check_tracking
 
 TRAINER = "densenet-trainer"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def container() -> dict:
@@ -83,26 +74,10 @@ def server(tmp_path):
     process = subprocess.Popen(["/bin/sh", "-ec", local_script(port)], env=local_env(tmp_path, password),
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                pytest.fail("the server of cluster/kuberay/mlflow.yaml did not start (`pip install mlflow[auth]` "
-                            f"if Flask-WTF is missing):\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    wait_until_healthy(process, f"{uri}/health", tmp_path / "server.log", "the server of cluster/kuberay/mlflow.yaml "
+                       "(`pip install mlflow[auth]` if Flask-WTF is missing)")
     yield {"uri": uri, "port": port, "admin": ("admin", password), "artifacts": tmp_path / "artifacts"}
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    stop_group(process)
 
 
 def call(server, path: str, *, user=None, host: str | None = None, body: dict | None = None) -> int:

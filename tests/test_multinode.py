@@ -12,7 +12,6 @@ cluster it must be storage every node reaches (s3://, gs://, NFS).
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import urllib.request
 import psutil
 import pytest
 from mlflow import MlflowClient
+from servers import free_port, stop_group, the_run, wait_until_healthy
 
 from densenet_ray.registry import load_registered_model
 
@@ -34,19 +34,11 @@ MLFLOW_HOST = "127.0.0.2"
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((MLFLOW_HOST, 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def mlflow_server(tmp_path):
     """`mlflow server` on loopback with a SQL store and proxied artifacts (the workers upload the model
     through it, as they do on a cluster); its URI."""
-    port = free_port()
+    port = free_port(MLFLOW_HOST)
     uri = f"http://{MLFLOW_HOST}:{port}"
     log = open(tmp_path / "mlflow-server.log", "wb")
     server = subprocess.Popen(
@@ -56,23 +48,9 @@ def mlflow_server(tmp_path):
          "--allowed-hosts", f"{MLFLOW_HOST}:{port}"],  # its default list has 127.0.0.1 only
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                os.killpg(server.pid, signal.SIGKILL)
-                pytest.fail(f"mlflow server did not start:\n{(tmp_path / 'mlflow-server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    wait_until_healthy(server, f"{uri}/health", tmp_path / "mlflow-server.log", "mlflow server")
     yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+    stop_group(server)
 
 
 class Cluster:
@@ -152,14 +130,6 @@ def submit(cluster: Cluster, tmp_path, run_name: str, uri: str, *flags: str) -> 
     done = subprocess.run(command, env=cluster.nodes.env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return submission_id
-
-
-def the_run(uri: str, run_name: str):
-    client = MlflowClient(uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string=f"attributes.run_name = '{run_name}'")
-    assert len(runs) == 1, f"expected one MLflow run named {run_name!r}, found {len(runs)}"
-    return client, runs[0]
 
 
 def assert_tracked_once(uri: str, run_name: str, epochs: int):

@@ -1,7 +1,6 @@
 """densenet_ray.tracking against a real SQLite tracking store in a tmp folder: where runs land,
 the checks that fail before training, one MLflow run per training run across crashes and resumes."""
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -12,15 +11,6 @@ import pytest
 from mlflow import MlflowClient
 
 from densenet_ray.tracking import RunLogger, TrackingError, check_tracking, resolve_tracking_uri
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory):
-    """An empty MLflow database, made once: creating a new one takes seconds of migrations."""
-    folder = tmp_path_factory.mktemp("template")
-    with contextlib.chdir(folder):  # where the Default experiment keeps its artifacts: ./mlruns
-        MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()
-    return folder / "mlflow.db"
 
 
 @pytest.fixture

@@ -66,15 +66,6 @@ def run_home(run) -> Path:
     return Path(run.uri.removeprefix("sqlite:///")).parent
 
 
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory):
-    """An empty MLflow database, made once: creating a new one takes seconds of migrations."""
-    folder = tmp_path_factory.mktemp("template")
-    with contextlib.chdir(folder):  # where the Default experiment keeps its artifacts: ./mlruns
-        MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()
-    return folder / "mlflow.db"
-
-
 @pytest.fixture
 def run(tmp_path, monkeypatch, migrated_db):
     """A run in a fresh embedded store (MLFLOW_TRACKING_URI unset)."""

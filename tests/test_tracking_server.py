@@ -17,16 +17,11 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from servers import free_port
 from torch import nn
 
 from densenet_ray.registry import load_registered_model
 from densenet_ray.tracking import RunLogger, TrackingError, check_tracking
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

@@ -12,8 +12,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from mlflow import MlflowClient
 from PIL import Image
+from servers import the_run
 
 from densenet_ray import config as C
 from densenet_ray import data, train
@@ -39,14 +39,6 @@ def places(tmp_path):
 def flags(digits_data, places, *extra):
     return ["digits", "--data", digits_data, "--storage", places["storage"],
             "--mlflow-tracking-uri", places["uri"], *extra]
-
-
-def the_run(uri: str, run_name: str):
-    client = MlflowClient(uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string=f"attributes.run_name = '{run_name}'")
-    assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
-    return client, runs[0]
 
 
 def assert_each_epoch_once(client, run, epochs: int):

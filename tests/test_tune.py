@@ -1,16 +1,15 @@
 """Tune search spaces: validation with key paths, dry runs of every shipped space, and a real
 ASHA sweep on digits that is interrupted and resumed."""
 
-import contextlib
 import glob
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 from mlflow import MlflowClient
+from servers import stop_group
 
 from densenet_ray import spaces
 from densenet_ray import tune as T
@@ -127,16 +126,15 @@ def test_digits_sweep_is_interrupted_resumed_and_reported(tmp_path, ray_local):
         deadline = time.monotonic() + 900
         while True:  # until one trial's run is complete
             assert time.monotonic() < deadline and driver.poll() is None, log.read_text()[-5000:]
-            if os.path.exists(tmp_path / "mlflow.db"):
+            # Not before a trial wrote its last epoch: till then the driver may be creating the store.
+            if glob.glob(str(tmp_path / "runs" / "sweep-*" / "epoch_0005")):
                 _, _, children = child_runs(uri, "sweep")
                 finished = [c for c in children if c.info.status == "FINISHED"]
                 if finished:
                     break
             time.sleep(2)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+        stop_group(driver, grace_s=0)  # killed, as a lost driver node would be
     first = finished[0]
     first_points = len(MlflowClient(uri).get_metric_history(first.info.run_id, "val_top1_err"))
 
