@@ -157,11 +157,14 @@ def make_trainer(cfg: C.TrainConfig, manifest: data.Manifest, uri: str, run_id: 
                  register: bool = True):
     """The TorchTrainer for one training run; `register=False` leaves the final model out of the
     registry (Tune trials: the sweep registers its best)."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from densenet_ray.loop import train_loop
 
+    # Both datasets run again every epoch: their start and plan lines would bury the epoch lines.
+    ray.data.DataContext.get_current().print_on_execution_start = False
     size = cfg.image_size
     datasets = {"train": data.read_split(cfg.data, cfg.train_split, cfg.train_transform, image_size=size,
                                          manifest=manifest),
