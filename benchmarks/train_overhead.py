@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -103,10 +102,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
 
-    # The local Ray the training driver would start (train.connect_ray): the workers reserve every
-    # core, two logical CPUs more let Ray Data's decode tasks run beside them (started here, before
-    # the conversion's tasks would start one with only os.cpu_count()).
-    ray.init(num_cpus=(os.cpu_count() or 1) + 2, log_to_driver=False)
+    # The local Ray the training driver starts for the largest run here (one worker on every core),
+    # before the conversion's tasks would start a smaller one.
+    train.connect_ray(C.PRESETS["digits"].replace(workers=1, cpus_per_worker=os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "digits")
         write.convert(sources.digits(), root, progress=False)

@@ -70,7 +70,7 @@ def connect_ray(cfg: C.TrainConfig) -> None:
 
     if not ray.is_initialized():
         local = {"num_cpus": max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + 2)}
-        recorded = _recorded_cluster()
+        recorded = recorded_cluster()
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         elif recorded and not _answers(recorded):
@@ -93,9 +93,14 @@ def connect_ray(cfg: C.TrainConfig) -> None:
                          f"read and decode images: lower --cpus-per-worker or --workers, or add CPU nodes")
 
 
-def _recorded_cluster() -> str | None:
+def recorded_cluster_file() -> str:
+    """Where `ray start --head` records its GCS address for later `ray.init()` calls on this machine."""
+    return os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
+
+
+def recorded_cluster() -> str | None:
     """The GCS address `ray start --head` left on this machine for `ray.init()` to join, if any."""
-    path = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
+    path = recorded_cluster_file()
     try:
         with open(path) as f:
             return f.read().strip() or None

@@ -141,9 +141,10 @@ class RayNodes:
         for folder in self.temp_dirs:
             shutil.rmtree(folder, ignore_errors=True)
         # `ray start --head` recorded this cluster for later `ray.init()` calls to join: forget it.
-        recorded = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
-        if os.path.exists(recorded) and open(recorded).read().strip().endswith(f":{self.gcs_port}"):
-            os.remove(recorded)
+        from densenet_ray.train import recorded_cluster, recorded_cluster_file
+
+        if (recorded_cluster() or "").endswith(f":{self.gcs_port}"):
+            os.remove(recorded_cluster_file())
 
 
 @pytest.fixture()
