@@ -23,12 +23,12 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from densenet_ray.efficient import Stage, bn_relu_conv_chain
 
 # ImageNet models (Table 1): DenseNet-BC, k=32 (161: k=48), 4 blocks, stem of 2k filters.
 IMAGENET_ARCHS = {
@@ -46,10 +46,6 @@ CIFAR_ARCHS = (
 )
 ARCHS = (*IMAGENET_ARCHS, *CIFAR_ARCHS)
 _CIFAR_NAME = re.compile(r"densenet(_bc)?(\d+)_k(\d+)$")
-
-
-def _module_bn(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    return norm(x)
 
 
 class _DenseLayer(nn.Module):
@@ -70,18 +66,21 @@ class _DenseLayer(nn.Module):
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
-    def function(self, *features: Tensor, bn=_module_bn) -> Tensor:
-        out = self.conv1(self.relu1(bn(self.norm1, torch.cat(features, 1))))
+    def function(self, *features: Tensor) -> Tensor:
+        out = self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
         # Dropout after each convolution, as in the paper (section 4.2); off unless drop_rate > 0.
         out = F.dropout(out, self.drop_rate, self.training) if self.drop_rate else out
         if hasattr(self, "conv2"):
-            out = self.conv2(self.relu2(bn(self.norm2, out)))
+            out = self.conv2(self.relu2(self.norm2(out)))
             out = F.dropout(out, self.drop_rate, self.training) if self.drop_rate else out
         return out
 
     def forward(self, features: list[Tensor]) -> Tensor:
-        if self.memory_efficient and _needs_grad(features):
-            return _recompute_all_but_convs(self.function, self, features)
+        if self.memory_efficient and _needs_grad(self, features):
+            stages = [Stage(self.norm1, self.conv1, self.drop_rate)]
+            if hasattr(self, "conv2"):
+                stages.append(Stage(self.norm2, self.conv2, self.drop_rate))
+            return bn_relu_conv_chain(stages, features)
         return self.function(*features)
 
 
@@ -114,51 +113,19 @@ class _Transition(nn.Sequential):
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
-    def function(self, x: Tensor, bn=_module_bn) -> Tensor:
-        out = self.conv(self.relu(bn(self.norm, x)))
+    def function(self, x: Tensor) -> Tensor:
+        out = self.conv(self.relu(self.norm(x)))
         return F.dropout(out, self.drop_rate, self.training) if self.drop_rate else out
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.memory_efficient and _needs_grad([x]):
-            return self.pool(_recompute_all_but_convs(self.function, self, [x]))
+        if self.memory_efficient and _needs_grad(self, [x]):
+            return self.pool(bn_relu_conv_chain([Stage(self.norm, self.conv, self.drop_rate)], [x]))
         return self.pool(self.function(x))
 
 
-def _needs_grad(tensors: list[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _keep_conv_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op is torch.ops.aten.convolution.default:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _recompute_all_but_convs(function, module: nn.Module, inputs: list[Tensor]) -> Tensor:
-    """function(*inputs) keeping only its convolutions' outputs for the backward pass.
-
-    The memory-efficient DenseNet of Pleiss et al. (2017): the concatenation and every BN-ReLU
-    output, whose sizes grow with everything before the layer, are recomputed in the backward pass
-    (memory bound and cheap) from the inputs, which the block keeps anyway. Selective checkpointing
-    stores the (small: 4k or k channels) convolution outputs, so unlike a plain checkpoint of the
-    bottleneck no convolution runs twice. The recomputation normalises with the same batch
-    statistics but updates scratch copies of the running statistics, not the real ones.
-    """
-    norms = [m for m in module.children() if isinstance(m, nn.BatchNorm2d)]
-    scratch = {id(n): (n.running_mean.clone(), n.running_var.clone()) for n in norms}  # outside the region
-    recomputing = []
-
-    def scratch_bn(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
-        return F.batch_norm(x, *scratch[id(norm)], norm.weight, norm.bias, norm.training, 0.0, norm.eps)
-
-    def region(*xs: Tensor) -> Tensor:
-        if recomputing:
-            return function(*xs, bn=scratch_bn)
-        recomputing.append(True)
-        return function(*xs)
-
-    return checkpoint(region, *inputs, use_reentrant=False,
-                      context_fn=partial(create_selective_checkpoint_contexts, _keep_conv_outputs))
+def _needs_grad(module: nn.Module, inputs: list[Tensor]) -> bool:
+    return torch.is_grad_enabled() and (any(t.requires_grad for t in inputs)
+                                        or any(p.requires_grad for p in module.parameters()))
 
 
 class DenseNet(nn.Module):

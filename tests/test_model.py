@@ -84,17 +84,43 @@ def test_torchvision_weights_load_both_ways_and_agree(arch):
     ("densenet_bc100_k12", {}),
     ("densenet40_k12", {}),                       # no bottleneck: conv1 is the 3x3 conv
     ("densenet_bc100_k12", {"drop_rate": 0.2}),   # dropout masks replayed in the recomputation
+    ("densenet_bc100_k12", {"momentum": None}),   # cumulative running averages count batches alike
 ])
 def test_memory_efficient_matches_plain(arch, overrides):
+    momentum = overrides.pop("momentum", 0.1)
     plain = M.build(arch, num_classes=10, **overrides)
     efficient = M.build(arch, num_classes=10, memory_efficient=True, **overrides)
+    for norm in [*plain.modules(), *efficient.modules()]:
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.momentum = momentum
     efficient.load_state_dict(plain.state_dict())
     x = small_input(plain, batch=4)
     assert_same_step(plain, efficient, x)
+    assert_same_step(plain, efficient, small_input(plain, batch=4, seed=5))  # scratch reused, stats updated twice
+
+
+def test_memory_efficient_channels_last_and_frozen_batchnorm():
+    plain = M.build("densenet121", num_classes=10).to(memory_format=torch.channels_last)
+    efficient = M.build("densenet121", num_classes=10, memory_efficient=True).to(memory_format=torch.channels_last)
+    efficient.load_state_dict(plain.state_dict())
+    x = small_input(plain, batch=4).contiguous(memory_format=torch.channels_last)
+    assert_same_step(plain, efficient, x)
+    # Fine-tuning with frozen BatchNorm (eval-mode statistics) still gets every gradient right.
+    for net in (plain, efficient):
+        net.train().zero_grad()
+        for norm in net.modules():
+            if isinstance(norm, torch.nn.BatchNorm2d):
+                norm.eval()
+    out_a, out_b = plain(x), efficient(x)
+    assert rel_err(out_b, out_a) < 1e-5
+    out_a.sum().backward()
+    out_b.sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), efficient.parameters()):
+        assert rel_err(b.grad, a.grad) < 1e-5, name
 
 
 def test_memory_efficient_saves_less_for_backward():
-    # What autograd keeps between forward and backward; SAC-kept conv outputs are counted apart.
+    # What autograd keeps between forward and backward (each storage once).
     def saved_bytes(net, x):
         storages = {}
 
@@ -213,3 +239,36 @@ def test_cli_table_lists_every_architecture(capsys):
     assert all(arch in out for arch in M.ARCHS)
     with pytest.raises(SystemExit):
         M.main(["densenet_bc99_k12"])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["densenet121", "densenet_bc100_k12"])
+def test_memory_efficient_matches_plain_on_cuda(arch, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # both modes in full fp32
+    plain = M.build(arch, num_classes=10).cuda()
+    efficient = M.build(arch, num_classes=10, memory_efficient=True).cuda()
+    efficient.load_state_dict(plain.state_dict())
+    assert_same_step(plain, efficient, small_input(plain, batch=8).cuda(), tol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_autocast_channels_last_and_compile_on_cuda(dtype, memory_efficient):
+    net = M.build("densenet_bc", depth=40, growth_rate=12, num_classes=10, memory_efficient=memory_efficient)
+    net = net.cuda().to(memory_format=torch.channels_last).train()
+    reference = M.build("densenet_bc", depth=40, growth_rate=12, num_classes=10).cuda()
+    reference.load_state_dict(net.state_dict())
+    x = small_input(net, batch=8).cuda().contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(net)
+    for model in (net, compiled):
+        with torch.autocast("cuda", dtype=dtype):
+            out = model(x)
+        assert out.dtype == dtype
+        out.float().logsumexp(1).sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+                   for p in net.parameters())
+        assert rel_err(out.detach(), reference.train()(x).detach()) < 0.1
