@@ -4,6 +4,7 @@
     python benchmarks/model_step.py --steps 5 --only densenet_bc100_k12
     python benchmarks/model_step.py --device cuda   # adds DenseNet-121 AMP + channels_last @ b256,
                                                     # eager and torch.compile
+    python benchmarks/model_step.py --device cuda --only --amp256 compiled   # just the compiled b256 runs
 
 Each configuration runs in its own subprocess so that peak memory is that configuration's alone:
 on CPU the peak RSS of the process (`ru_maxrss`, as torchvision's own figures were taken) and the
@@ -11,8 +12,9 @@ step's own share of it (peak minus the RSS before the first step: activations, g
 optimizer state, without the interpreter and libraries); on GPU `torch.cuda.max_memory_allocated`.
 Memory is measured in a second child, one step, with glibc's mmap threshold fixed at 128 KiB
 (`MALLOC_MMAP_THRESHOLD_`) so that freed tensors leave the RSS instead of staying in glibc's heap:
-RSS then tracks live memory, for every variant alike. Timing children run with default malloc. Images/s is the median over the timed steps after one
-warm-up step. Ratios compare against torchvision's plain step and against our own plain step.
+RSS then tracks live memory, for every variant alike. Timing children run with default malloc, in
+`--rounds` interleaved rounds; images/s is the median over every timed step of every round (each child
+warms up with one untimed step). Ratios compare against torchvision's plain step and our own.
 """
 
 from __future__ import annotations
@@ -101,24 +103,40 @@ def run_one(workload: str, variant: str, device: str, steps: int, batch: int | N
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"workload": workload, "variant": variant + ("+amp" if amp else "") + ("+compile" if compile_ else ""),
-            "batch": batch, "img_s": batch / statistics.median(times), "step_s": statistics.median(times),
+            "batch": batch, "times": times, "img_s": batch / statistics.median(times), "step_s": statistics.median(times),
             "peak_mb": peak / 2**20, "step_mb": peak / 2**20 - (base_rss / 1024 if device == "cpu" else 0.0)}
 
 
-def spawn(workload, variant, args, batch=None, amp=False, compile_=False) -> dict:
-    def child(steps: int, env: dict) -> dict:
-        spec = json.dumps([workload, variant, args.device, steps, batch, amp, compile_])
-        out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
-        if out.returncode:
-            raise SystemExit(f"{workload}/{variant} failed:\n{out.stderr[-3000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+def child(workload, variant, args, steps: int, env: dict, batch=None, amp=False, compile_=False) -> dict:
+    spec = json.dumps([workload, variant, args.device, steps, batch, amp, compile_])
+    out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
+    if out.returncode:
+        raise SystemExit(f"{workload}/{variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-    timed = child(args.steps, {})
-    if args.device == "cpu":
-        memory = child(0, {"MALLOC_MMAP_THRESHOLD_": "131072"})
-        timed.update(peak_mb=memory["peak_mb"], step_mb=memory["step_mb"])
-    return timed
+
+def measure(runs: list[tuple], args) -> list[dict]:
+    """Times every run in `args.rounds` interleaved rounds (a machine whose speed drifts slows all
+    configurations alike, not the ones that happen to run late), then measures memory once each."""
+    rows = [None] * len(runs)
+    for round_ in range(args.rounds):
+        for i, (workload, variant, extra) in enumerate(runs):
+            timed = child(workload, variant, args, args.steps, {}, **extra)
+            if rows[i] is None:
+                rows[i] = timed
+            else:
+                rows[i]["times"] += timed["times"]
+            r = rows[i]
+            r["step_s"] = statistics.median(r["times"])
+            r["img_s"] = r["batch"] / r["step_s"]
+            if round_ == args.rounds - 1 and args.device == "cpu":
+                memory = child(workload, variant, args, 0, {"MALLOC_MMAP_THRESHOLD_": "131072"}, **extra)
+                r.update(peak_mb=memory["peak_mb"], step_mb=memory["step_mb"])
+            print(f"  round {round_ + 1}/{args.rounds}  {workload:<20} {r['variant']:<32} b{r['batch']:<4} "
+                  f"{timed['img_s']:8.1f} img/s (median so far {r['img_s']:.1f})  peak {r['peak_mb']:.0f} MB",
+                  flush=True)
+    return rows
 
 
 def report(rows: list[dict]) -> None:
@@ -136,8 +154,16 @@ def report(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after 1 warm-up)")
-    parser.add_argument("--only", nargs="*", choices=list(WORKLOADS), help="workloads (default: all)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per child (after 1 warm-up)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of one child per configuration; img/s is the median step "
+                             "over all rounds")
+    parser.add_argument("--only", nargs="*", choices=list(WORKLOADS),
+                        help="workloads (default: all; none at all with --only alone)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="default: all")
+    parser.add_argument("--amp256", nargs="*", choices=["eager", "compiled"], default=["eager", "compiled"],
+                        help="cuda: DenseNet-121 AMP + channels_last b256 runs, ours then torchvision's "
+                             "(default: both; none with --amp256 alone)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -147,17 +173,12 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f", {torch.get_num_threads()} threads"))
-    rows = []
-    for workload in args.only or WORKLOADS:
-        for variant in VARIANTS:
-            rows.append(spawn(workload, variant, args))
-            print(f"  {workload:<20} {variant:<22} {rows[-1]['img_s']:8.1f} img/s  "
-                  f"peak {rows[-1]['peak_mb']:.0f} MB", flush=True)
+    runs = [(workload, variant, {}) for workload in (WORKLOADS if args.only is None else args.only)
+            for variant in args.variants]
     if args.device == "cuda":
-        for compile_ in (False, True):
-            rows.append(spawn("densenet121", "ours-channels_last", args, batch=256, amp=True, compile_=compile_))
-            rows.append(spawn("densenet121", "torchvision", args, batch=256, amp=True, compile_=compile_))
-    report(rows)
+        runs += [("densenet121", variant, dict(batch=256, amp=True, compile_=mode == "compiled"))
+                 for mode in args.amp256 for variant in ("ours-channels_last", "torchvision")]
+    report(measure(runs, args))
     print("\nGoals: ours plain time/tv <= 1.00; ours-memeff time/ours <= 1.35 with memory <= 0.60x ours "
           "(torchvision's memory-efficient mode, as measured for the issue: ~1.49x time, ~0.76x peak RSS).")
 

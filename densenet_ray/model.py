@@ -11,8 +11,8 @@
 Layout and state-dict keys follow torchvision's `densenet.py` (`features.denseblock1.denselayer1.
 conv1.weight`, ...), so torchvision's ImageNet weights load with `strict=True` and ours load there.
 Every dense layer concatenates the list of earlier feature maps itself; that is what lets the
-memory-efficient mode (Pleiss et al., 2017) recompute the concatenation and its BN-ReLU in the
-backward pass instead of storing them, so feature-map memory grows linearly with depth.
+memory-efficient mode (Pleiss et al., 2017; `efficient.py`) recompute the concatenation and its
+BN-ReLU in the backward pass instead of storing them, so feature-map memory grows linearly with depth.
 
 In a layer, `conv1` always reads the concatenated input: the 1x1 bottleneck of DenseNet-B
 (`norm1-relu1-conv1` then `norm2-relu2-conv2` 3x3), or the single 3x3 conv of a plain DenseNet.
@@ -63,6 +63,7 @@ class _DenseLayer(nn.Module):
             self.norm2 = nn.BatchNorm2d(width)
             self.relu2 = nn.ReLU(inplace=True)
             self.conv2 = nn.Conv2d(width, growth_rate, 3, padding=1, bias=False)
+        self.bottleneck = bool(bn_size)
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
@@ -70,7 +71,7 @@ class _DenseLayer(nn.Module):
         out = self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
         # Dropout after each convolution, as in the paper (section 4.2); off unless drop_rate > 0.
         out = F.dropout(out, self.drop_rate, self.training) if self.drop_rate else out
-        if hasattr(self, "conv2"):
+        if self.bottleneck:
             out = self.conv2(self.relu2(self.norm2(out)))
             out = F.dropout(out, self.drop_rate, self.training) if self.drop_rate else out
         return out
@@ -78,7 +79,7 @@ class _DenseLayer(nn.Module):
     def forward(self, features: list[Tensor]) -> Tensor:
         if self.memory_efficient and _needs_grad(self, features):
             stages = [Stage(self.norm1, self.conv1, self.drop_rate)]
-            if hasattr(self, "conv2"):
+            if self.bottleneck:
                 stages.append(Stage(self.norm2, self.conv2, self.drop_rate))
             return bn_relu_conv_chain(stages, features)
         return self.function(*features)
