@@ -133,9 +133,9 @@ def measure(runs: list[tuple], args) -> list[dict]:
             if round_ == args.rounds - 1 and args.device == "cpu":
                 memory = child(workload, variant, args, 0, {"MALLOC_MMAP_THRESHOLD_": "131072"}, **extra)
                 r.update(peak_mb=memory["peak_mb"], step_mb=memory["step_mb"])
+            peak = f"  peak {r['peak_mb']:.0f} MB" if round_ == args.rounds - 1 else ""
             print(f"  round {round_ + 1}/{args.rounds}  {workload:<20} {r['variant']:<32} b{r['batch']:<4} "
-                  f"{timed['img_s']:8.1f} img/s (median so far {r['img_s']:.1f})  peak {r['peak_mb']:.0f} MB",
-                  flush=True)
+                  f"{timed['img_s']:8.1f} img/s (median so far {r['img_s']:.1f}){peak}", flush=True)
     return rows
 
 
