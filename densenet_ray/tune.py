@@ -194,9 +194,11 @@ def register_best(rows: list[dict], results, sweep_base: C.TrainConfig, uri: str
     """Register the final weights of the trial with the lowest final validation error."""
     import torch
 
+    from mlflow import MlflowClient
+
     from densenet_ray.loop import STATE_FILE
     from densenet_ray.model import build
-    from densenet_ray.tracking import RunLogger
+    from densenet_ray.registry import log_and_register
 
     candidates = [(r["final_val_top1_err"], i) for i, r in enumerate(rows) if not math.isnan(r["final_val_top1_err"])]
     if not candidates:
@@ -210,11 +212,12 @@ def register_best(rows: list[dict], results, sweep_base: C.TrainConfig, uri: str
     net = build(cfg.arch, num_classes=len(state["classes"]), in_channels=state["example"].shape[1],
                 **cfg.model_overrides())
     net.load_state_dict(state["model"])
-    run = RunLogger.start(uri, cfg.experiment, cfg.run_name, run_id=state["run_id"], params={}, system_metrics=False)
-    version = run.log_and_register_model(net, registered_name=registered, input_example=state["example"].numpy(),
-                                         val_top1_err=err, extra={"run_name": cfg.run_name,
-                                                                  "sweep": sweep_base.run_name or ""})
-    run.finish()
+    # Into the trial's finished run, without reopening it: its status and end time stay as the trial left them.
+    client = MlflowClient(uri)
+    run = client.get_run(state["run_id"])
+    version = log_and_register(client, uri, run.info.experiment_id, run.info.run_id, net,
+                               registered_name=registered, input_example=state["example"].numpy(),
+                               val_top1_err=err, extra={"run_name": cfg.run_name, "sweep": sweep_base.run_name or ""})
     return rows[i]["trial_id"], version, err
 
 

@@ -38,6 +38,18 @@ def migrated_db(tmp_path_factory):
     return folder / "mlflow.db"
 
 
+@pytest.fixture
+def home(tmp_path, monkeypatch, migrated_db):
+    """A densenet_ray home with an empty embedded store; MLFLOW_TRACKING_URI unset so that is used."""
+    import shutil
+
+    monkeypatch.setenv("DENSENET_RAY_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "home" / "mlflow").mkdir(parents=True)
+    shutil.copy(migrated_db, tmp_path / "home" / "mlflow" / "mlflow.db")
+    return tmp_path / "home"
+
+
 class RayNodes:
     """A real multi-process Ray cluster on this machine, as `ray start` makes one: a head, and
     optionally more nodes joining it. Every node runs `ray start --block` in its own process

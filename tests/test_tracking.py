@@ -4,23 +4,12 @@ the checks that fail before training, one MLflow run per training run across cra
 import importlib.util
 import json
 import logging
-import shutil
 import time
 
 import pytest
 from mlflow import MlflowClient
 
 from densenet_ray.tracking import RunLogger, TrackingError, check_tracking, resolve_tracking_uri
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch, migrated_db):
-    """A densenet_ray home with an empty store; MLFLOW_TRACKING_URI unset so that is used."""
-    monkeypatch.setenv("DENSENET_RAY_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (tmp_path / "home" / "mlflow").mkdir(parents=True)
-    shutil.copy(migrated_db, tmp_path / "home" / "mlflow" / "mlflow.db")
-    return tmp_path / "home"
 
 
 def history(uri, run_id, key):

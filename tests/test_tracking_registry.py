@@ -2,7 +2,6 @@
 without unpickling anything, and models that need pickle refused unless trusted."""
 
 import contextlib
-import shutil
 import sys
 from pathlib import Path
 
@@ -67,12 +66,8 @@ def run_home(run) -> Path:
 
 
 @pytest.fixture
-def run(tmp_path, monkeypatch, migrated_db):
+def run(home):
     """A run in a fresh embedded store (MLFLOW_TRACKING_URI unset)."""
-    monkeypatch.setenv("DENSENET_RAY_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (tmp_path / "home" / "mlflow").mkdir(parents=True)
-    shutil.copy(migrated_db, tmp_path / "home" / "mlflow" / "mlflow.db")
     logger = RunLogger.start(resolve_tracking_uri(None), "registry", "run", params={})
     yield logger
     logger.finish()

@@ -163,4 +163,7 @@ def test_digits_sweep_is_interrupted_resumed_and_reported(tmp_path, ray_local):
     assert {"k", "L", "theta", "params", "gmacs", "best_val_top1_err", "epochs_run", "wall_s"} <= set(header)
     assert len(csv_text.strip().splitlines()) == 1 + len(children)
     best = client.get_model_version_by_alias("densenet-digits", "candidate")
-    assert client.get_run(best.run_id).data.tags[T.SWEEP_TAG] == "sweep"
+    best_run = client.get_run(best.run_id)
+    assert best_run.data.tags[T.SWEEP_TAG] == "sweep"
+    assert best_run.info.status == "FINISHED" and best_run.outputs.model_outputs
+    assert best_run.info.end_time < best.creation_timestamp  # the model was added without reopening the run
