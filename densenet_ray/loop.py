@@ -51,7 +51,7 @@ def train_loop(config: dict) -> None:
                                 dampening=0.0, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
-    start_epoch, history = 0, []
+    start_epoch, history, example = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -60,7 +60,7 @@ def train_loop(config: dict) -> None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+        start_epoch, history, example = state["epoch"] + 1, state["history"], state.get("example")
 
     publisher = Publisher(cfg, meta, history, start_epoch, world, device) if rank == 0 else None
     train_step = torch.compile(model) if cfg.compile else model
@@ -104,7 +104,7 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics)
 
     if publisher:
-        publisher.finish(net, example if start_epoch < cfg.epochs else None)
+        publisher.finish(net, example)
 
 
 class _Prepare:
@@ -240,10 +240,12 @@ class Publisher:
         log.info(format_line(metrics, self.cfg.epochs, eta))
 
     def finish(self, net, example: torch.Tensor | None) -> None:
-        """Curves, the final model in the registry, the run closed. `example` is None when the
-        checkpoint already held the last epoch (a finished run submitted again): nothing to add."""
-        if example is None or not self.history:
-            log.info(f"[densenet_ray] run {self.cfg.run_name!r} had already finished its {self.cfg.epochs} epochs")
+        """Curves, the final model in the registry, the run closed; also when the checkpoint already
+        held the last epoch (the job died while it finished the run, and was resubmitted)."""
+        if self.start_epoch >= self.cfg.epochs:
+            log.info(f"[densenet_ray] run {self.cfg.run_name!r} had checkpointed all its {self.cfg.epochs} epochs "
+                     "before it was interrupted: finishing it")
+        if example is None or not self.history:  # no epoch at all (epochs=0)
             self.run.finish()
             return
         final = self.history[-1]

@@ -195,9 +195,50 @@ def make_trainer(cfg: C.TrainConfig, manifest: data.Manifest, uri: str, run_id: 
     )
 
 
+def completed_history(cfg: C.TrainConfig) -> tuple[str, list[dict], str] | None:
+    """(checkpoint path, per-epoch metrics, MLflow run id) when the run's last checkpoint holds its
+    final epoch."""
+    import io
+
+    import pyarrow.fs as pafs
+    import torch
+
+    from densenet_ray.loop import STATE_FILE
+
+    fs, base = pafs.FileSystem.from_uri(cfg.storage) if "://" in cfg.storage else (pafs.LocalFileSystem(),
+                                                                                 os.path.abspath(cfg.storage))
+    found = fs.get_file_info(pafs.FileSelector(f"{base}/{cfg.run_name}", allow_not_found=True))
+    epochs = sorted(i.path for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith("epoch_"))
+    if not epochs:
+        return None
+    with fs.open_input_file(f"{epochs[-1]}/{STATE_FILE}") as f:
+        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    if state["epoch"] + 1 < cfg.epochs:
+        return None
+    path = epochs[-1] if "://" not in cfg.storage else f"{cfg.storage.split('://')[0]}://{epochs[-1]}"
+    return path, state["history"], state["run_id"]
+
+
+def finished_run(cfg: C.TrainConfig, uri: str) -> str | None:
+    """The MLflow run id when `cfg.run_name` has checkpointed its last epoch and its run is FINISHED
+    (a run interrupted while it registered its model is not: resubmitted, it completes that)."""
+    from mlflow import MlflowClient
+
+    done = completed_history(cfg)
+    if done and MlflowClient(uri).get_run(done[2]).info.status == "FINISHED":
+        return done[2]
+    return None
+
+
 def run(cfg: C.TrainConfig):
-    """Everything after the configuration: checks, MLflow run, TorchTrainer.fit. Returns the Ray Result."""
+    """Everything after the configuration: checks, MLflow run, TorchTrainer.fit. Returns the Ray
+    Result, or None when the run had already finished (nothing trained, nothing recorded again)."""
     uri, manifest = preflight(cfg)
+    if run_id := finished_run(cfg, uri):
+        print(f"[densenet_ray] run {cfg.run_name!r} already finished its {cfg.epochs} epochs (MLflow run {run_id}, "
+              f"checkpoints in {os.path.join(cfg.storage, cfg.run_name)}); nothing to do. To train again, pass "
+              f"another --run-name.", flush=True)
+        return None
     runlog = open_run(cfg, uri, manifest)
     try:
         return make_trainer(cfg, manifest, uri, runlog.run_id).fit()
@@ -216,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     except (data.DataError, TrackingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if result is None:
+        return 0
     metrics = result.metrics or {}
     print(f"[densenet_ray] done: {cfg.run_name!r}, {metrics.get('epoch', -1) + 1} epochs, val top-1 error "
           f"{metrics.get('val_top1_err', float('nan')):.4f}; checkpoints in {os.path.join(cfg.storage, cfg.run_name)}",

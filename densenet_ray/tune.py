@@ -42,7 +42,7 @@ def run_trial(config: dict, sweep: dict) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = C.from_dict(sweep["base"]).replace(**config["params"], run_name=trial_name(sweep["name"], trial_id))
-    done = completed_history(cfg)
+    done = train.completed_history(cfg)
     if done:  # finished before the driver died, but Tune's last snapshot missed it: report, don't rerun
         path, history, run_id = done
         if MlflowClient(sweep["uri"]).get_run(run_id).info.status == "RUNNING":  # killed before it closed
@@ -57,28 +57,6 @@ def run_trial(config: dict, sweep: dict) -> None:
     trainer = train.make_trainer(cfg, manifest, sweep["uri"], runlog.run_id, callbacks=[TuneReportCallback()],
                                  register=False)
     trainer.fit()
-
-
-def completed_history(cfg: C.TrainConfig) -> tuple[str, list[dict], str] | None:
-    """(checkpoint path, per-epoch metrics, MLflow run id) when the run's last checkpoint holds its
-    final epoch."""
-    import pyarrow.fs as pafs
-    import torch
-
-    from densenet_ray.loop import STATE_FILE
-
-    fs, base = pafs.FileSystem.from_uri(cfg.storage) if "://" in cfg.storage else (pafs.LocalFileSystem(),
-                                                                                 os.path.abspath(cfg.storage))
-    found = fs.get_file_info(pafs.FileSelector(f"{base}/{cfg.run_name}", allow_not_found=True))
-    epochs = sorted(i.path for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith("epoch_"))
-    if not epochs:
-        return None
-    with fs.open_input_file(f"{epochs[-1]}/{STATE_FILE}") as f:
-        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    if state["epoch"] + 1 < cfg.epochs:
-        return None
-    path = epochs[-1] if "://" not in cfg.storage else f"{cfg.storage.split('://')[0]}://{epochs[-1]}"
-    return path, state["history"], state["run_id"]
 
 
 def print_trials(base: C.TrainConfig, trials: list[dict], skipped: list, num_classes: int, channels: int) -> list:

@@ -87,6 +87,22 @@ def test_digits_demo_trains_tracks_and_registers(digits_data, places, capfd):
     model = load_registered_model("models:/densenet-digits@champion", tracking_uri=places["uri"])
     assert val_error_of(model, digits_data, image_size=16) == pytest.approx(logged_err, abs=1e-9)
 
+    # Submitted again: nothing retrained, no second run, no second model version.
+    assert train.main(flags(digits_data, places, "--run-name", "demo")) == 0
+    assert "'demo' already finished its 15 epochs" in capfd.readouterr().out
+    assert len(client.search_runs([run.info.experiment_id], "attributes.run_name = 'demo'")) == 1
+    assert len(client.search_model_versions("name = 'densenet-digits'")) == 1
+    assert client.get_run(run.info.run_id).info.end_time == run.info.end_time
+
+    # Interrupted while it finished (the driver marks the run FAILED): resubmitted, it trains nothing and
+    # completes the run, model registered.
+    client.set_terminated(run.info.run_id, "FAILED")
+    assert train.main(flags(digits_data, places, "--run-name", "demo", "--max-failures", "0")) == 0
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert_each_epoch_once(client, run, 15)
+    assert int(client.get_model_version_by_alias("densenet-digits", "candidate").version) == 2
+
 
 def train_in_thread(cfg):
     box = {}
