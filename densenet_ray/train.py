@@ -223,10 +223,14 @@ def finished_run(cfg: C.TrainConfig, uri: str) -> str | None:
     """The MLflow run id when `cfg.run_name` has checkpointed its last epoch and its run is FINISHED
     (a run interrupted while it registered its model is not: resubmitted, it completes that)."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     done = completed_history(cfg)
-    if done and MlflowClient(uri).get_run(done[2]).info.status == "FINISHED":
-        return done[2]
+    try:
+        if done and MlflowClient(uri).get_run(done[2]).info.status == "FINISHED":
+            return done[2]
+    except MlflowException:  # its run is in another store: finish it into this one
+        pass
     return None
 
 

@@ -178,8 +178,16 @@ def _counter_name(root, split):
     return "densenet_ray.data.skipped." + hashlib.sha1(f"{root.rstrip('/')}|{split}".encode()).hexdigest()[:16]
 
 
+_counters = {}  # (job, name) -> the handle that keeps the job's counter alive between datasets
+
+
 def _counter(root, split):
-    """The job's named counter actor for (root, split); owned by whoever calls read_split first."""
-    # Pinned to the driver's node: a counter on a worker node that dies would fail every retry.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return Counter.options(name=_counter_name(root, split), get_if_exists=True, scheduling_strategy=here).remote()
+    """The job's named counter actor for (root, split); owned by whoever calls read_split first,
+    which keeps a handle for the rest of the job (an actor whose handles are all gone is destroyed,
+    and the next epoch's dataset would find it dying, or start again from zero)."""
+    key = (ray.get_runtime_context().get_job_id(), _counter_name(root, split))
+    if key not in _counters:
+        # Pinned to the driver's node: a counter on a worker node that dies would fail every retry.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        _counters[key] = Counter.options(name=key[1], get_if_exists=True, scheduling_strategy=here).remote()
+    return _counters[key]
