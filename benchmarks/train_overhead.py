@@ -104,7 +104,7 @@ def main() -> None:
 
     # The local Ray the training driver starts for the largest run here (one worker on every core),
     # before the conversion's tasks would start a smaller one.
-    train.connect_ray(C.PRESETS["digits"].replace(workers=1, cpus_per_worker=os.cpu_count() or 1))
+    train.connect(C.PRESETS["digits"].replace(workers=1, cpus_per_worker=os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "digits")
         write.convert(sources.digits(), root, progress=False)

@@ -31,7 +31,7 @@ import sys
 import numpy as np
 import torch
 
-from densenet_ray import models
+from densenet_ray import cli, trained
 from densenet_ray.model import DenseNet, count_macs
 
 
@@ -96,7 +96,7 @@ def _ticks(n: int) -> list[int]:
     return list(range(0, n, step))
 
 
-def summary(model: models.Model) -> dict:
+def summary(model: trained.Model) -> dict:
     net = model.net
     return {"model": model.name, "source": model.source, "arch": model.config.arch, "depth": net.depth,
             "growth_rate": net.growth_rate, "block_config": list(net.block_config), "bottleneck": net.bottleneck,
@@ -105,7 +105,7 @@ def summary(model: models.Model) -> dict:
             "gmacs": count_macs(net, model.image_size) / 1e9}
 
 
-def analyze(model: models.Model, out: str) -> tuple[dict[str, str], dict]:
+def analyze(model: trained.Model, out: str) -> tuple[dict[str, str], dict]:
     """Write the heat map, its numbers and the summary into `out`; returns ({what: path}, summary)."""
     os.makedirs(out, exist_ok=True)
     blocks = feature_reuse(model.net)
@@ -132,14 +132,12 @@ def _matrices_json(blocks: list[np.ndarray]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = models.argument_parser("analyze", __doc__, logs=True)
+    p = cli.model_parser("analyze", __doc__, logs=True)
     p.add_argument("--out", default="analysis", metavar="DIR", help="folder for the PNG and JSON files")
     p.add_argument("--no-log", action="store_true", help="write files only; log nothing to MLflow")
     args = p.parse_args(argv)
-    from densenet_ray.tracking_uri import TrackingError
-
     try:
-        model = models.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
+        model = trained.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
         with torch.no_grad():
             paths, facts = analyze(model, args.out)
         print(f"[densenet_ray] {model.name}: {facts['arch']}, depth {facts['depth']}, k={facts['growth_rate']}, "
@@ -147,11 +145,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{facts['input_size']}x{facts['input_size']}")
         print(f"[densenet_ray] Figure 5 heat map: {paths['png']}")
         if not args.no_log:
-            run_id = models.record(model, artifacts=list(paths.values()), artifact_dir="analysis")
+            run_id = trained.record(model, artifacts=list(paths.values()), artifact_dir="analysis")
             print(f"[densenet_ray] logged to MLflow run {run_id} under analysis/")
-    except (models.ModelError, TrackingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except cli.ERRORS as err:
+        return cli.error(err)
     return 0
 
 

@@ -24,6 +24,10 @@ from dataclasses import dataclass, field, fields
 HOME = os.path.expanduser(os.environ.get("DENSENET_RAY_HOME", "~/.densenet_ray"))
 PRECISIONS = ("fp32", "bf16", "fp16")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
+# (classes, channels) of the datasets the presets are for: what `tune --dry-run` sizes models with
+# before the data exists. "custom": a dataset of your own (imagefolder), sized from its manifest.
+DATASETS = {"imagenet": (1000, 3), "cifar10": (10, 3), "cifar100": (100, 3), "svhn": (10, 3), "digits": (10, 1),
+            "custom": None}
 
 
 def _f(default, help: str):
@@ -37,6 +41,7 @@ class TrainConfig:
     weight decay 1e-4, lr 0.1 divided by 10 at the milestones."""
 
     preset: str = _f("imagenet", "the recipe these values came from")
+    dataset: str = _f("imagenet", "what --data holds: " + ", ".join(DATASETS) + " (digits converts itself on first use)")
     # data: a dataset folder made by `python -m densenet_ray.data convert ...`
     data: str = _f(os.path.join(HOME, "data", "imagenet"), "dataset folder or URI (s3://, file://)")
     train_split: str = _f("train", "split to train on; 'a+b' joins splits")
@@ -100,9 +105,10 @@ class TrainConfig:
         drops = sum(epoch >= round(f * self.epochs) for f in self.lr_milestones)
         return self.lr_scaled * 0.1 ** drops
 
-    def model_overrides(self) -> dict:
-        """Keyword arguments for model.build beyond the arch name."""
-        out = {"drop_rate": self.drop_rate, "memory_efficient": self.memory_efficient}
+    def model_overrides(self, *, inference: bool = False) -> dict:
+        """Keyword arguments for model.build beyond the arch name (model.from_config); `inference`: without those
+        that change nothing in eval mode (dropout, the memory-efficient backward)."""
+        out = {} if inference else {"drop_rate": self.drop_rate, "memory_efficient": self.memory_efficient}
         for name in ("depth", "growth_rate", "compression", "bottleneck"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
@@ -149,6 +155,7 @@ class TrainConfig:
         need(self.depth is None or self.depth >= 10, "depth", "a total depth L such as 40, 100 or 190")
         need(self.shuffle_buffer >= 0, "shuffle_buffer", "0 or more rows")
         need(bool(self.run_name) and "/" not in self.run_name, "run_name", "a name without '/'")
+        need(self.dataset in DATASETS, "dataset", " or ".join(DATASETS))
         if problems:
             raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
 
@@ -159,52 +166,90 @@ PRESETS: dict[str, TrainConfig] = {
     "imagenet": _BASE,
     # C10+/C100+: standard augmentation, 300 epochs, batch 64, lr /10 at 50% and 75%.
     "cifar10": _BASE.replace(
-        preset="cifar10", data=os.path.join(HOME, "data", "cifar10"), val_split="test",
+        preset="cifar10", dataset="cifar10", data=os.path.join(HOME, "data", "cifar10"), val_split="test",
         train_transform="cifar_train", eval_transform="none", image_size=32, arch="densenet_bc100_k12",
         epochs=300, batch_size=64, reference_batch=64, lr_milestones=(0.5, 0.75)),
 }
-PRESETS["cifar100"] = PRESETS["cifar10"].replace(preset="cifar100", data=os.path.join(HOME, "data", "cifar100"))
+PRESETS["cifar100"] = PRESETS["cifar10"].replace(preset="cifar100", dataset="cifar100", data=os.path.join(HOME, "data", "cifar100"))
 # C10/C100 without augmentation: dropout 0.2 after each conv.
 PRESETS["cifar10_noaug"] = PRESETS["cifar10"].replace(preset="cifar10_noaug", train_transform="none", drop_rate=0.2)
 PRESETS["cifar100_noaug"] = PRESETS["cifar100"].replace(preset="cifar100_noaug", train_transform="none",
                                                         drop_rate=0.2)
 # SVHN: train+extra, no augmentation, dropout 0.2, 40 epochs.
-PRESETS["svhn"] = PRESETS["cifar10_noaug"].replace(preset="svhn", data=os.path.join(HOME, "data", "svhn"),
+PRESETS["svhn"] = PRESETS["cifar10_noaug"].replace(preset="svhn", dataset="svhn", data=os.path.join(HOME, "data", "svhn"),
                                                    train_split="train+extra", epochs=40)
 # The offline demo: scikit-learn's 1,797 real 8x8 digits, upsampled to 16x16, minutes on a laptop CPU.
 PRESETS["digits"] = PRESETS["cifar10"].replace(
-    preset="digits", data=os.path.join(HOME, "data", "digits"), val_split="val", train_transform="none",
+    preset="digits", dataset="digits", data=os.path.join(HOME, "data", "digits"), val_split="val", train_transform="none",
     image_size=16, arch="densenet_bc22_k12", epochs=15, batch_size=64, reference_batch=64,
     lr=0.1, max_failures=1)
 
 
-def _parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: use true or false")
+_FIELD_NAMES = [f.name for f in fields(TrainConfig)]
 
 
-def _parse_floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0.5,0.75") from None
+def field_type(name: str) -> tuple[type, bool]:
+    """(the type of field `name`, whether it is optional): int | None -> (int, True)."""
+    kind = typing.get_type_hints(TrainConfig)[name]
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return next(a for a in typing.get_args(kind) if a is not type(None)), True
+    return kind, False
 
 
-def _number(kind: type):
+def coerce(name: str, value):
+    """`value` for field `name`, typed: the one rule for command-line text and YAML values.
+    Text is parsed ("12", "true", "0.5,0.75", "none" for an optional field); a YAML value must
+    already have the field's type (an int where a float goes is fine). ValueError says why."""
+    if name not in _FIELD_NAMES:
+        close = difflib.get_close_matches(name, _FIELD_NAMES, 1)
+        raise ValueError(f"unknown field {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    kind, optional = field_type(name)
+    text = isinstance(value, str)
+    if optional and (value is None or (text and value.strip().lower() in ("none", ""))):
+        return None
+    if kind is bool:
+        if text and value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if text and value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{value!r} is not a boolean: use true or false")
+    if typing.get_origin(kind) is tuple:
+        parts = [p for p in value.split(",") if p.strip()] if text else value
+        try:
+            if not isinstance(parts, (list, tuple)) or any(isinstance(p, bool) for p in parts):
+                raise TypeError
+            return tuple(float(p) for p in parts)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r}: expected comma-separated numbers, e.g. 0.5,0.75") from None
+    if kind in (int, float):
+        wrong = f"{value!r} is not {'an integer' if kind is int else 'a number'}"
+        if isinstance(value, bool) or not (text or isinstance(value, (int, float))):
+            raise ValueError(wrong)
+        if not text and kind is int and not isinstance(value, int):
+            raise ValueError(wrong)
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(wrong) from None
+        if kind is float and not math.isfinite(number):
+            raise ValueError(f"{value!r} is not a finite number")
+        return number
+    if not text:
+        raise ValueError(f"{value!r} is not text")
+    return value
+
+
+def _flag_type(name: str):
+    """argparse's type= for field `name`: coerce, with argparse's error class."""
     def parse(text: str):
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        return value
+            return coerce(name, text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
-    parse.__name__ = kind.__name__
+    parse.__name__ = name
     return parse
 
 
@@ -221,43 +266,22 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def _unwrap_optional(kind) -> tuple[type, bool]:
-    """int | None -> (int, True)."""
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        return args[0], True
-    return kind, False
-
-
-def _optional(parse):
-    def parse_or_none(text: str):
-        return None if text.strip().lower() in ("none", "") else parse(text)
-
-    parse_or_none.__name__ = parse.__name__
-    return parse_or_none
-
-
 def parser(preset: TrainConfig = _BASE, prog: str = "python -m densenet_ray.train") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, allow_abbrev=False, description="Train a DenseNet on Ray Train, tracked in MLflow. "
                 "Every field of the preset can be overridden; 'none' clears an optional field.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("preset", choices=list(PRESETS), help="the paper's recipe to start from")
-    hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         if f.name == "preset":
             continue
-        kind, optional = _unwrap_optional(hints[f.name])
-        flag = f"--{f.name.replace('_', '-')}"
-        default = getattr(preset, f.name)
+        kind, _ = field_type(f.name)
         if kind is bool:
-            parse, extra = _parse_bool, {"nargs": "?", "const": True, "metavar": "BOOL"}
+            extra = {"nargs": "?", "const": True, "metavar": "BOOL"}
         elif typing.get_origin(kind) is tuple:
-            parse, extra = _parse_floats, {"metavar": "F,F"}
-        elif kind in (int, float):
-            parse, extra = _number(kind), {"metavar": kind.__name__.upper()}
+            extra = {"metavar": "F,F"}
         else:
-            parse, extra = str, {"metavar": "STR"}
-        p.add_argument(flag, type=_optional(parse) if optional else parse, default=default,
+            extra = {"metavar": kind.__name__.upper() if kind in (int, float) else "STR"}
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=_flag_type(f.name), default=getattr(preset, f.name),
                        help=f.metadata.get("help") or " ", **extra)
     return p
 

@@ -5,13 +5,17 @@
     python -m densenet_ray.evaluate ~/.densenet_ray/runs/cifar10-r1 ~/data/cifar10 --split test --no-log
 
     from densenet_ray.evaluate import evaluate
-    results = evaluate(models.load(MODEL), DATA, ten_crop=True)  # {"single": {top1_err, ...}, "tencrop": {...}}
+    results = evaluate(trained.load(MODEL), DATA, ten_crop=True)  # {"single": {top1_err, ...}, "tencrop": {...}}
 
 Single-crop uses the run's own evaluation transform and size, so it reproduces the validation error
 training logged: resize 256 and centre 224 for ImageNet, the stored (native) size for CIFAR/SVHN.
 10-crop resizes the shorter side to size*256/224 and takes the four corners and the centre, and the
-same of the mirrored image; the softmax outputs of the ten crops are averaged (as fb.resnet.torch,
-whose protocol Table 3 follows), then ranked. The two are reported side by side, never mixed.
+same of the mirrored image; the softmax probabilities of the ten crops are averaged, then ranked.
+fb.resnet.torch, whose test Table 3 follows, ranks the sum of the ten crops' raw scores (logits)
+instead: its models end in nn.Linear, the softmax lives in its CrossEntropyCriterion, and
+Trainer:computeScore sums the output over crops (its `:exp()` commented out). The two rankings agree
+for most images, not all, so 10-crop errors can differ slightly from what its code would report.
+Single-crop and 10-crop are reported side by side, never mixed.
 
 Distributed with Ray Data: tasks read and decode the split's row groups in parallel, and an actor
 pool (one actor per GPU, else one per two CPUs; --actors) runs the model, built once per actor.
@@ -25,24 +29,13 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import ray.data
 import torch
 
-from densenet_ray import models
+from densenet_ray import cli, data, runtime, trained
+from densenet_ray.tracking.uri import check_tracking
 
 TENCROP = "imagenet_tencrop"
-
-
-def class_probabilities(net: torch.nn.Module, images: torch.Tensor, mean, std) -> torch.Tensor:
-    """Softmax outputs (N, classes) for uint8 images (N, H, W, C), or for (N, crops, H, W, C) the
-    average over the crops. `mean`, `std`: per channel on the 0..1 scale."""
-    device = next(net.parameters()).device
-    crops = images.shape[1] if images.ndim == 5 else 1
-    x = images.to(device).reshape(-1, *images.shape[-3:]).permute(0, 3, 1, 2).float()
-    m = torch.as_tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    s = torch.as_tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    with torch.no_grad():
-        probs = net((x - m) / s).float().softmax(1)
-    return probs.view(len(images), crops, -1).mean(1)
 
 
 class Scorer:
@@ -50,12 +43,12 @@ class Scorer:
     {images, top1 (correct), top5 (correct), nll (summed -log p of the true class)}."""
 
     def __init__(self, spec: dict, mean, std) -> None:
-        self.net = models.rebuild(spec).to("cuda" if torch.cuda.is_available() else "cpu")
+        self.net = trained.rebuild(spec).to("cuda" if torch.cuda.is_available() else "cpu")
         self.mean, self.std = mean, std
 
     def __call__(self, batch: dict) -> dict:
         # Copies: Ray's batches are read-only views of its object store, which torch.from_numpy warns about.
-        probs = class_probabilities(self.net, torch.tensor(batch["image"]), self.mean, self.std).cpu()
+        probs = trained.class_probabilities(self.net, torch.tensor(batch["image"]), self.mean, self.std).cpu()
         labels = torch.tensor(batch["label"])
         top = probs.topk(min(5, probs.shape[1]), dim=1).indices
         hits = top == labels[:, None]
@@ -64,19 +57,17 @@ class Scorer:
                 "top5": np.array([int(hits.any(1).sum())]), "nll": np.array([float(nll)])}
 
 
-def evaluate(model: models.Model, root: str | None = None, split: str | None = None, *, ten_crop: bool = False,
+def evaluate(model: trained.Model, root: str | None = None, split: str | None = None, *, ten_crop: bool = False,
              actors: int | None = None, batch_size: int = 64) -> dict[str, dict]:
     """{"single": metrics, "tencrop": metrics (when ten_crop)} for `model` on `split` (default: the
     run's validation split) of the dataset at `root` (default: the training data); metrics are
     top1_err, top5_err, loss, images and skipped (rows that failed to decode). Needs Ray."""
-    from densenet_ray import data
-
     root = root or model.config.data
     split = split or model.config.val_split
     manifest = data.load_manifest(root)
-    models.check_compatible(model, manifest)
+    trained.check_compatible(model, manifest)
     rows = manifest.split(split).rows
-    mean, std, _ = models.normalization(model, fallback=manifest)
+    mean, std, _ = trained.normalization(model, fallback=manifest)
     transforms = {"single": model.config.eval_transform, **({"tencrop": TENCROP} if ten_crop else {})}
     results = {}
     for kind, transform in transforms.items():
@@ -90,10 +81,8 @@ def evaluate(model: models.Model, root: str | None = None, split: str | None = N
     return results
 
 
-def _counts(ds, model: models.Model, mean, std, actors: int | None, batch_size: int) -> dict:
-    import ray.data
-
-    size, resources = models.pool_size(actors)
+def _counts(ds, model: trained.Model, mean, std, actors: int | None, batch_size: int) -> dict:
+    size, resources = runtime.pool_size(actors)
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"spec": model.spec(), "mean": mean, "std": std},
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), batch_size=batch_size,
                             batch_format="numpy", **resources)
@@ -111,7 +100,7 @@ def metric_names(results: dict[str, dict], split: str) -> dict[str, float]:
             for kind, metrics in results.items() for key, value in metrics.items() if key != "skipped"}
 
 
-def report(model: models.Model, results: dict[str, dict], root: str, split: str) -> str:
+def report(model: trained.Model, results: dict[str, dict], root: str, split: str) -> str:
     """The table people read: one line per protocol, and training's own numbers on the same split."""
     single = results["single"]
     lines = [f"[densenet_ray] {model.name} on {root} split {split!r}: {single['images']} images"
@@ -129,7 +118,7 @@ def report(model: models.Model, results: dict[str, dict], root: str, split: str)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = models.argument_parser("evaluate", __doc__, logs=True)
+    p = cli.model_parser("evaluate", __doc__, logs=True)
     p.add_argument("data", metavar="DATA", nargs="?", help="dataset folder or URI (default: the training data)")
     p.add_argument("--split", help="split to evaluate (default: the run's validation split, e.g. val)")
     p.add_argument("--ten-crop", action="store_true", help="also the 10-crop test (Table 3), reported separately")
@@ -139,25 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.actors is not None and args.actors < 1):
         p.error("--batch-size and --actors: expected positive integers")
-    from densenet_ray.data import DataError
-    from densenet_ray.tracking_uri import TrackingError, check_tracking
-
     try:
-        model = models.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
+        model = trained.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
         root, split = args.data or model.config.data, args.split or model.config.val_split
         if not args.no_log:
-            check_tracking(models.tracking_uri(model))  # seconds now, rather than a lost result later
-        models.connect_ray()
+            check_tracking(trained.tracking_uri(model))  # seconds now, rather than a lost result later
+        runtime.connect(cpus=2)
         results = evaluate(model, root, split, ten_crop=args.ten_crop, actors=args.actors,
                            batch_size=args.batch_size)
         print(report(model, results, root, split), flush=True)
         if not args.no_log:
-            run_id = models.record(model, metrics=metric_names(results, split),
+            run_id = trained.record(model, metrics=metric_names(results, split),
                                    tags={f"eval_{split.replace('+', '_')}_data": root})
             print(f"[densenet_ray] logged to MLflow run {run_id} as eval_{split.replace('+', '_')}_*", flush=True)
-    except (models.ModelError, DataError, TrackingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except cli.ERRORS as err:
+        return cli.error(err)
     return 0
 
 

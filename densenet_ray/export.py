@@ -35,7 +35,8 @@ import warnings
 
 import torch
 
-from densenet_ray import models
+from densenet_ray import cli, trained
+from densenet_ray.data import load_manifest
 from densenet_ray.config import to_dict
 from densenet_ray.model import build
 
@@ -115,14 +116,13 @@ def load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return tensors, metadata
 
 
-def sidecar(model: models.Model, fmt: str, file: str, mean, std) -> dict:
+def sidecar(model: trained.Model, fmt: str, file: str, mean, std) -> dict:
     """How to rebuild and feed an exported model, as plain JSON."""
-    spec = model.spec()
     return {
         "format": fmt, "file": os.path.basename(file), "model": model.name, "source": model.source,
         "run_id": model.run_id, "logged": model.logged,
-        "build": {"arch": spec["arch"], "num_classes": spec["num_classes"], "in_channels": spec["channels"],
-                  **spec["overrides"]},
+        "build": {"arch": model.config.arch, "num_classes": model.num_classes, "in_channels": model.channels,
+                  **model.config.model_overrides(inference=True)},
         "input": {"shape": ["batch", model.channels, model.image_size, model.image_size], "dtype": "float32",
                   "layout": "NCHW", "mode": model.mode, "mean": list(mean), "std": list(std),
                   "normalise": "x = (pixels / 255 - mean) / std, per channel, pixels 0..255 after the transform",
@@ -132,7 +132,7 @@ def sidecar(model: models.Model, fmt: str, file: str, mean, std) -> dict:
     }
 
 
-def export(model: models.Model, fmt: str, out: str, mean, std) -> float:
+def export(model: trained.Model, fmt: str, out: str, mean, std) -> float:
     """Write `model` in format `fmt` to `out` and its sidecar to `out`.json; read it back and return the
     max |difference| of its outputs from the original's (ValueError past TOLERANCE, nothing kept)."""
     if fmt not in FORMATS:
@@ -189,29 +189,25 @@ def load(path: str) -> torch.nn.Module:
     raise ValueError(f"{path}.json: field format is {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def default_out(model: models.Model, fmt: str) -> str:
+def default_out(model: trained.Model, fmt: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", model.name).strip("-") + FORMATS[fmt]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = models.argument_parser("export", __doc__, logs=False)
+    p = cli.model_parser("export", __doc__, logs=False)
     p.add_argument("--format", required=True, choices=list(FORMATS), help="see the module docstring")
     p.add_argument("--out", metavar="FILE", help="default: the model's name with .pt2, .ts.pt or .safetensors; "
                    "the sidecar is FILE.json")
     p.add_argument("--stats", metavar="DATASET", help="dataset whose mean/std go into the sidecar (default: the "
                    "training data's, read from the run's config)")
     args = p.parse_args(argv)
-    from densenet_ray.data import DataError, load_manifest
-    from densenet_ray.tracking_uri import TrackingError
-
     try:
-        model = models.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
-        mean, std, where = models.normalization(model, given=load_manifest(args.stats) if args.stats else None)
+        model = trained.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
+        mean, std, where = trained.normalization(model, given=load_manifest(args.stats) if args.stats else None)
         out = args.out or default_out(model, args.format)
         diff = export(model, args.format, out, mean, std)
-    except (models.ModelError, DataError, TrackingError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (*cli.ERRORS, ValueError) as err:
+        return cli.error(err)
     print(f"[densenet_ray] {model.name} -> {out} ({args.format}) and {out}.json (architecture, classes, "
           f"mean/std of {where}); read back: max |output difference| {diff:.2g}")
     return 0

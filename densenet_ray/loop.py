@@ -7,6 +7,9 @@ on its share of the validation split, sum the counts across workers (exact: ever
 once), then `ray.train.report` the same metrics dict everywhere with rank 0's checkpoint. Every side
 effect (checkpoint files, MLflow, the console line) happens in `Publisher`, on rank 0 only.
 
+`train_one_epoch` and `evaluate` take anything with Ray Data's `iter_torch_batches` (the tests drive
+them with an in-memory stand-in, without Ray).
+
 Randomness: each epoch seeds torch from (seed, epoch, rank), so dropout in a resumed epoch is what
 it would have been without the interruption; data order and crops come from Ray Data.
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import time
 
@@ -25,13 +27,17 @@ import torch.nn.functional as F
 
 import ray.train
 import ray.train.torch
-from densenet_ray import data
+from densenet_ray import checkpoint, data, plots
 from densenet_ray.config import TrainConfig, from_dict, to_dict
-from densenet_ray.model import build
+from densenet_ray.model import from_config
+from densenet_ray.tracking import registry
+from densenet_ray.tracking.runlog import RunLogger
 
-STATE_FILE = "state.pt"
 # Ray Train tees print() on workers to its logger and to stdout (twice on the driver); log once.
 log = logging.getLogger("densenet_ray")
+# What train_one_epoch and evaluate count over a worker's share: summed cross-entropy, top-1 and
+# top-5 hits, images. Summed over workers, they give exact epoch means.
+COUNTS = ("loss", "top1", "top5", "images")
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -42,7 +48,7 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker (DDP also broadcasts them)
-    net = build(cfg.arch, num_classes=meta["num_classes"], in_channels=meta["channels"], **cfg.model_overrides())
+    net = from_config(cfg, meta["num_classes"], meta["channels"])
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(net)  # to the device, wrapped in DDP when world > 1
@@ -52,10 +58,9 @@ def train_loop(config: dict) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
     start_epoch, history, example = 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+    if saved := ray.train.get_checkpoint():
+        with saved.as_directory() as folder:
+            state, _ = checkpoint.load(folder)
         check_resumable(state, cfg, meta)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -65,9 +70,7 @@ def train_loop(config: dict) -> None:
     publisher = Publisher(cfg, meta, history, start_epoch, world, device) if rank == 0 else None
     train_step = torch.compile(model) if cfg.compile else model
     evaluate_fn = torch.compile(net) if cfg.compile else net
-    mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1) * 255
-    prepare = _Prepare(mean, std, cfg.channels_last)
+    prepare = Prepare(meta["mean"], meta["std"], cfg.channels_last, device)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -75,19 +78,19 @@ def train_loop(config: dict) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
         t0 = time.perf_counter()
-        train_sums, data_wait, train_example = train_one_epoch(train_step, optimizer, scaler, train_shard, prepare,
-                                                               cfg, epoch, steps_per_epoch, device)
-        train_time = time.perf_counter() - t0
+        train_counts, data_wait, train_example = train_one_epoch(train_step, optimizer, scaler, train_shard, prepare,
+                                                                 cfg, epoch, steps_per_epoch, device)
+        train_s = time.perf_counter() - t0
         if world > 1:
             # DDP copies rank 0's BatchNorm statistics to the others at the start of each forward, so the
             # last step left every worker its own: validate the model rank 0 checkpoints and registers.
             for buffer in net.buffers():
                 dist.broadcast(buffer, 0)
-        val_sums, example = evaluate(evaluate_fn, val_shard, prepare, cfg, device)
+        val_counts, example = evaluate(evaluate_fn, val_shard, prepare, cfg, device)
         example = train_example if example is None else example  # this worker's val share may be empty
-        sums = torch.cat([train_sums, val_sums, torch.tensor([data_wait, train_time], device=device)])
-        if world > 1:
-            dist.all_reduce(sums)
+        sums = summed({**{f"train_{k}": v for k, v in train_counts.items()},
+                       **{f"val_{k}": v for k, v in val_counts.items()},
+                       "data_wait_s": data_wait, "train_s": train_s}, device)
         metrics = epoch_metrics(sums, world, epoch, optimizer.param_groups[0]["lr"], time.perf_counter() - t0)
         # Rows that failed to decode (shards not made by our converter), since this job started.
         metrics["skipped_rows"] = sum(data.skipped_rows(cfg.data, s) for s in (cfg.train_split, cfg.val_split))
@@ -107,12 +110,15 @@ def train_loop(config: dict) -> None:
         publisher.finish(net, example)
 
 
-class _Prepare:
+class Prepare:
     """uint8 NHWC batch -> normalised float NCHW on the device (normalisation on the device: the
-    pipeline ships a quarter of the bytes). NHWC data is already channels_last in memory."""
+    pipeline ships a quarter of the bytes). NHWC data is already channels_last in memory.
+    `mean` and `std`: per channel, 0..1 scale (the manifest's)."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> None:
-        self.mean, self.std, self.channels_last = mean, std, channels_last
+    def __init__(self, mean, std, channels_last: bool, device) -> None:
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.channels_last = channels_last
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.mean.device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -120,12 +126,12 @@ class _Prepare:
         return x if self.channels_last else x.contiguous()
 
 
-def train_one_epoch(model, optimizer, scaler, shard, prepare, cfg: TrainConfig, epoch: int, steps: int,
-                    device) -> tuple[torch.Tensor, float]:
-    """One pass over this worker's share. Returns (sums of loss, top-1 and top-5 correct, images;
-    seconds spent waiting for data; two images of the first batch)."""
+def train_one_epoch(model, optimizer, scaler, shard, prepare: Prepare, cfg: TrainConfig, epoch: int, steps: int,
+                    device) -> tuple[dict[str, torch.Tensor], float, torch.Tensor | None]:
+    """One pass over this worker's share. Returns (its COUNTS; seconds spent waiting for data;
+    two normalised images of the first batch, None when no batch came)."""
     model.train()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    counts = _counts(device)
     data_wait, step, example = 0.0, 0, None
     batches = iter(shard.iter_torch_batches(batch_size=cfg.batch_size // cfg.workers, drop_last=True,
                                             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
@@ -147,29 +153,38 @@ def train_one_epoch(model, optimizer, scaler, shard, prepare, cfg: TrainConfig, 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        sums += torch.stack([loss.detach().double() * len(y), *correct(logits.detach(), y), torch.tensor(
-            float(len(y)), dtype=torch.float64, device=device)])
+        _add(counts, loss.detach().double() * len(y), logits.detach(), y)
         step += 1
-    return sums, data_wait, example
+    return counts, data_wait, example
 
 
 @torch.no_grad()
-def evaluate(model, shard, prepare, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sums of loss, top-1 and top-5 correct and images over this worker's validation share, and
-    two of its normalised images (the registered model's input example). The shares differ in
-    size, so no collective runs per batch: the caller sums once."""
+def evaluate(model, shard, prepare: Prepare, cfg: TrainConfig, device) -> tuple[dict[str, torch.Tensor],
+                                                                               torch.Tensor | None]:
+    """COUNTS over this worker's validation share, and two of its normalised images (the
+    registered model's input example; None for an empty share). The shares differ in size, so no
+    collective runs per batch: the caller sums once."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    example = None
+    counts, example = _counts(device), None
     for batch in shard.iter_torch_batches(batch_size=cfg.batch_size // cfg.workers, prefetch_batches=2):
         x, y = prepare(batch["image"]), batch["label"].to(device, non_blocking=True)
         example = x[:2].cpu() if example is None else example
         with torch.autocast(device.type, dtype=_AMP.get(cfg.precision), enabled=cfg.precision in _AMP):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        sums += torch.stack([loss.double(), *correct(logits, y), torch.tensor(float(len(y)), dtype=torch.float64,
-                                                                                 device=device)])
-    return sums, example
+        _add(counts, F.cross_entropy(logits.float(), y, reduction="sum").double(), logits, y)
+    return counts, example
+
+
+def _counts(device) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros((), dtype=torch.float64, device=device) for k in COUNTS}
+
+
+def _add(counts: dict, loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    top1, top5 = correct(logits, labels)
+    counts["loss"] += loss_sum
+    counts["top1"] += top1
+    counts["top5"] += top5
+    counts["images"] += len(labels)
 
 
 def correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,17 +194,28 @@ def correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     return hits[:, 0].sum().double(), hits.any(dim=1).sum().double()
 
 
-def epoch_metrics(sums: torch.Tensor, world: int, epoch: int, lr: float, epoch_s: float) -> dict:
-    """The one metrics dict of an epoch: console line, ray.train.report and MLflow use these keys."""
-    s = sums.tolist()
-    (loss, c1, c5, n), (vloss, v1, v5, vn), (wait, train_s) = s[0:4], s[4:8], s[8:10]
+def summed(values: dict[str, torch.Tensor | float], device) -> dict[str, float]:
+    """`values` summed over the workers with one all_reduce (the same keys, in the same order, on
+    every rank), as floats."""
+    names = list(values)
+    packed = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device) for k in names])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(packed)
+    return dict(zip(names, packed.tolist()))
+
+
+def epoch_metrics(sums: dict[str, float], world: int, epoch: int, lr: float, epoch_s: float) -> dict:
+    """The one metrics dict of an epoch from the workers' summed COUNTS (train_*, val_*),
+    data_wait_s and train_s: console line, ray.train.report and MLflow use these keys."""
+    n, vn = sums["train_images"], sums["val_images"]
     if n == 0 or vn == 0:
         raise RuntimeError(f"epoch {epoch}: no {'training' if n == 0 else 'validation'} images reached the "
                            f"workers; is the split empty or smaller than one batch per worker?")
-    return {"epoch": epoch, "train_loss": loss / n, "train_top1_err": 1 - c1 / n, "train_top5_err": 1 - c5 / n,
-            "val_loss": vloss / vn, "val_top1_err": 1 - v1 / vn, "val_top5_err": 1 - v5 / vn, "lr": lr,
-            "images_per_s": n / (train_s / world), "data_wait_s": wait / world, "epoch_s": epoch_s,
-            "train_images": int(n), "val_images": int(vn)}
+    return {"epoch": epoch, "train_loss": sums["train_loss"] / n, "train_top1_err": 1 - sums["train_top1"] / n,
+            "train_top5_err": 1 - sums["train_top5"] / n, "val_loss": sums["val_loss"] / vn,
+            "val_top1_err": 1 - sums["val_top1"] / vn, "val_top5_err": 1 - sums["val_top5"] / vn, "lr": lr,
+            "images_per_s": n / (sums["train_s"] / world), "data_wait_s": sums["data_wait_s"] / world,
+            "epoch_s": epoch_s, "train_images": int(n), "val_images": int(vn)}
 
 
 def check_resumable(state: dict, cfg: TrainConfig, meta: dict) -> None:
@@ -210,8 +236,6 @@ class Publisher:
 
     def __init__(self, cfg: TrainConfig, meta: dict, history: list[dict], start_epoch: int, world: int,
                  device) -> None:
-        from densenet_ray.tracking import RunLogger
-
         self.cfg, self.meta, self.start_epoch = cfg, meta, start_epoch
         tags = {"workers": str(world), "device": str(device), "device_name": _device_name(device)}
         if start_epoch:  # where the latest (re)start picked up, for people and for the fault tests
@@ -228,11 +252,9 @@ class Publisher:
 
     def epoch_end(self, metrics: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
-            # Atomic: a crash mid-write leaves no state.pt, and Ray registers the folder only after it is copied.
-            torch.save(state, os.path.join(folder, STATE_FILE + ".tmp"))
-            os.replace(os.path.join(folder, STATE_FILE + ".tmp"), os.path.join(folder, STATE_FILE))
+            checkpoint.save(state, folder)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"epoch_{metrics['epoch']:04d}")
+                             checkpoint_dir_name=checkpoint.folder_name(metrics["epoch"]))
         self.run.log_epoch(metrics["epoch"], metrics)
         self.history.append(metrics)
         done = metrics["epoch"] + 1 - self.start_epoch
@@ -249,14 +271,15 @@ class Publisher:
             self.run.finish()
             return
         final = self.history[-1]
-        self.run.log_curves(self.history)
+        self.run.log_file("training_curves.png", plots.curves(self.history))
         if not self.meta["register"]:
             self.run.finish()
             return
-        version = self.run.log_and_register_model(
-            net, registered_name=self.cfg.registered_model, input_example=example.float().numpy(),
-            val_top1_err=final["val_top1_err"], extra={"run_name": self.cfg.run_name,
-                                                       "val_top5_err": f"{final['val_top5_err']:.6f}"})
+        self.run.flush()
+        version = registry.log_and_register(
+            self.run.uri, self.run.run_id, net, registered_name=self.cfg.registered_model,
+            input_example=example.float().numpy(), val_top1_err=final["val_top1_err"],
+            extra={"run_name": self.cfg.run_name, "val_top5_err": f"{final['val_top5_err']:.6f}"})
         self.run.finish()
         log.info(f"[densenet_ray] registered {self.cfg.registered_model!r} version {version} "
                  f"(val top-1 error {final['val_top1_err']:.4f}); MLflow run {self.run.run_id}")

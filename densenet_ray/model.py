@@ -270,6 +270,13 @@ def build(arch: str, num_classes: int = 1000, **overrides) -> DenseNet:
     return DenseNet(**kwargs)
 
 
+def from_config(cfg, num_classes: int, in_channels: int, *, inference: bool = False) -> DenseNet:
+    """The DenseNet a training configuration describes (config.TrainConfig, or anything with its
+    arch and model_overrides): the one place a config becomes a network. `inference`: without what
+    changes nothing in eval mode (dropout, the memory-efficient backward)."""
+    return build(cfg.arch, num_classes=num_classes, in_channels=in_channels, **cfg.model_overrides(inference=inference))
+
+
 def count_macs(model: nn.Module, input_size: int | None = None) -> int:
     """Multiply-accumulates of one forward pass on a single image, counted by torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -32,10 +32,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray.data
 import torch
 
-from densenet_ray import models
-from densenet_ray.evaluate import class_probabilities
+from densenet_ray import cli, data, runtime, trained
+from densenet_ray.data import images
+from densenet_ray.data.manifest import MANIFEST, DataError, filesystem
+from densenet_ray.data.pipeline import DECODE_ERRORS
+from densenet_ray.data.transforms import TRANSFORMS
 
 SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("label", pa.int64()),
@@ -49,24 +53,22 @@ READ_SCHEMA = pa.schema([("key", pa.string()), ("split", pa.string()), ("label",
 
 def read_files(batch: dict, root: str) -> pa.Table:
     """Ray Data task: the bytes of each file in batch["key"] (relative to `root`), or why not."""
-    images, errors = [], []
+    blobs, errors = [], []
     for key in batch["key"]:
         try:
             with open(os.path.join(root, key), "rb") as f:
-                images.append(f.read())
+                blobs.append(f.read())
             errors.append(None)
         except OSError as e:
-            images.append(None)
+            blobs.append(None)
             errors.append(f"unreadable: {e.strerror or e}")
-    n = len(images)
-    return pa.table({"key": list(batch["key"]), "split": [None] * n, "label": [None] * n, "image": images,
+    n = len(blobs)
+    return pa.table({"key": list(batch["key"]), "split": [None] * n, "label": [None] * n, "image": blobs,
                      "error": errors}, schema=READ_SCHEMA)
 
 
 def read_row_group(batch: dict, fs) -> pa.Table:
     """Ray Data task: the rows of one shard row group, images still encoded."""
-    from densenet_ray.data.manifest import DataError
-
     tables = []
     for path, group, split in zip(batch["path"], batch["row_group"], batch["split"]):
         try:
@@ -81,12 +83,10 @@ def read_row_group(batch: dict, fs) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def why_unusable(data: bytes | None, err: Exception) -> str:
+def why_unusable(encoded: bytes | None, err: Exception) -> str:
     """The reason an image failed, in the converter's words where it has them."""
-    from densenet_ray.data import images
-
     try:
-        images.load(images.open_image(data))
+        images.load(images.open_image(encoded))
     except images.Rejected as rejected:
         return str(rejected)
     return f"{type(err).__name__}: {err}"
@@ -96,28 +96,24 @@ class Predictor:
     """A Ray Data actor: the model built once, then per batch the top-k of each decodable image."""
 
     def __init__(self, spec: dict, mean, std, transform: str, size: int, mode: str, classes: list, k: int) -> None:
-        from densenet_ray.data.transforms import TRANSFORMS
-
-        self.net = models.rebuild(spec).to("cuda" if torch.cuda.is_available() else "cpu")
+        self.net = trained.rebuild(spec).to("cuda" if torch.cuda.is_available() else "cpu")
         self.mean, self.std, self.transform, self.size, self.mode = mean, std, TRANSFORMS[transform], size, mode
         self.classes, self.k = classes, min(k, len(classes))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from densenet_ray.data.pipeline import DECODE_ERRORS
-
         errors, pixels, good = batch["error"].to_pylist(), [], []
-        for i, data in enumerate(batch["image"].to_pylist()):
+        for i, encoded in enumerate(batch["image"].to_pylist()):
             if errors[i] is not None:
                 continue
             try:
-                pixels.append(self.transform(data, self.size, None, self.mode))
+                pixels.append(self.transform(encoded, self.size, None, self.mode))
                 good.append(i)
             except DECODE_ERRORS as e:
-                errors[i] = why_unusable(data, e)
+                errors[i] = why_unusable(encoded, e)
         ids = [None] * batch.num_rows
         names, probs = list(ids), list(ids)
         if pixels:
-            p = class_probabilities(self.net, torch.from_numpy(np.stack(pixels)), self.mean, self.std).cpu()
+            p = trained.class_probabilities(self.net, torch.from_numpy(np.stack(pixels)), self.mean, self.std).cpu()
             top = p.topk(self.k, dim=1)
             for i, values, indices in zip(good, top.values.tolist(), top.indices.tolist()):
                 ids[i], probs[i], names[i] = indices, values, [self.classes[j] for j in indices]
@@ -125,17 +121,12 @@ class Predictor:
                          "classes": names, "probs": probs, "error": errors}, schema=SCHEMA)
 
 
-def inputs(source: str, splits: list[str] | None, model: models.Model):
+def inputs(source: str, splits: list[str] | None, model: trained.Model):
     """(Ray dataset of READ_SCHEMA rows, number of inputs, the Manifest or None) for INPUT."""
-    import ray.data
-
-    from densenet_ray import data
-    from densenet_ray.data.manifest import MANIFEST, filesystem
-
     fs, base = filesystem(source)
     if "://" in source or fs.get_file_info(f"{base}/{MANIFEST}").type == pafs.FileType.File:
         m = data.load_manifest(source)
-        models.check_compatible(model, m)
+        trained.check_compatible(model, m)
         splits = splits or list(m.splits)
         units = [{"path": path, "row_group": g, "split": name} for name in splits
                  for path, shard in zip(m.shard_paths(name)[1], m.split(name).shards) for g in range(shard.row_groups)]
@@ -143,17 +134,17 @@ def inputs(source: str, splits: list[str] | None, model: models.Model):
         ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
         return ds.map_batches(read_row_group, fn_kwargs={"fs": fs}, batch_size=None), rows, m
     if splits:
-        raise models.ModelError(f"--split {','.join(splits)}: {source} is a folder of files, not a shard dataset "
+        raise cli.ModelError(f"--split {','.join(splits)}: {source} is a folder of files, not a shard dataset "
                                 f"(no {MANIFEST}); leave --split out")
     if os.path.isfile(source):
         root, keys = os.path.dirname(os.path.abspath(source)), [os.path.basename(source)]
     elif os.path.isdir(source):
         root, keys = source, _files(source)
     else:
-        raise models.ModelError(f"INPUT {source!r}: no such file or folder; expected a dataset folder "
+        raise cli.ModelError(f"INPUT {source!r}: no such file or folder; expected a dataset folder "
                                 f"(with {MANIFEST}), a folder of images or an image file")
     if not keys:
-        raise models.ModelError(f"INPUT {source!r}: a folder without files (hidden ones are left out)")
+        raise cli.ModelError(f"INPUT {source!r}: a folder without files (hidden ones are left out)")
     ds = ray.data.from_items([{"key": k} for k in keys], override_num_blocks=math.ceil(len(keys) / FILES_PER_TASK))
     return ds.map_batches(read_files, fn_kwargs={"root": root}, batch_size=None), len(keys), None
 
@@ -168,18 +159,14 @@ def _files(root: str) -> list[str]:
     return out
 
 
-def predict(model: models.Model, source: str, out: str, *, splits: list[str] | None = None, top_k: int = 5,
+def predict(model: trained.Model, source: str, out: str, *, splits: list[str] | None = None, top_k: int = 5,
             actors: int | None = None, batch_size: int = 64, stats: str | None = None) -> dict:
     """Write the predictions for every image of `source` to the Parquet file `out`; returns
     {"rows", "errors": [(key, reason)], "normalised with"}. Needs Ray."""
-    import ray.data
-
-    from densenet_ray import data
-
     ds, expected, manifest = inputs(source, splits, model)
-    mean, std, where = models.normalization(model, fallback=manifest,
+    mean, std, where = trained.normalization(model, fallback=manifest,
                                             given=data.load_manifest(stats) if stats else None)
-    size, resources = models.pool_size(actors)
+    size, resources = runtime.pool_size(actors)
     ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(Predictor, fn_constructor_kwargs={
         "spec": model.spec(), "mean": mean, "std": std, "transform": model.config.eval_transform,
@@ -205,7 +192,7 @@ def predict(model: models.Model, source: str, out: str, *, splits: list[str] | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = models.argument_parser("predict", __doc__, logs=False)
+    p = cli.model_parser("predict", __doc__, logs=False)
     p.add_argument("input", metavar="INPUT", help="a shard dataset, a folder of image files, or one image file")
     p.add_argument("--out", required=True, metavar="PREDICTIONS.parquet", help="the Parquet file to write")
     p.add_argument("--split", help="for a shard dataset: splits to read, comma separated (default: every split)")
@@ -217,17 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1 or (args.actors is not None and args.actors < 1):
         p.error("--top-k, --batch-size and --actors: expected positive integers")
-    from densenet_ray.data import DataError
-    from densenet_ray.tracking_uri import TrackingError
-
     try:
-        model = models.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
-        models.connect_ray()
+        model = trained.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
+        runtime.connect(cpus=2)
         result = predict(model, args.input, args.out, splits=args.split.split(",") if args.split else None,
                          top_k=args.top_k, actors=args.actors, batch_size=args.batch_size, stats=args.stats)
-    except (models.ModelError, DataError, TrackingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except cli.ERRORS as err:
+        return cli.error(err)
     errors = result["errors"]
     print(f"[densenet_ray] {model.name}: {result['rows']} images -> {args.out} (normalised with the mean/std of "
           f"{result['normalised with']}); {len(errors)} could not be used" + (":" if errors else ""), flush=True)

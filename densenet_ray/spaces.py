@@ -29,14 +29,13 @@ import dataclasses
 import itertools
 import math
 import random
-import typing
 from dataclasses import dataclass
 
 import torch
 import yaml
 
 from densenet_ray import config as C
-from densenet_ray import model as M
+from densenet_ray.model import count_macs, from_config
 
 SEARCHABLE = ("arch", "depth", "growth_rate", "compression", "bottleneck", "drop_rate", "lr", "weight_decay",
               "batch_size", "momentum", "warmup_epochs", "image_size", "memory_efficient")
@@ -44,7 +43,7 @@ DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo", "grid")
 TOP_LEVEL = ("preset", "fixed", "space", "scheduler", "num_samples", "max_concurrent", "resources", "seed",
              "name", "registered_model")
-RESOURCES = {"workers": int, "cpus_per_worker": (int, float), "gpus_per_worker": (int, float)}
+RESOURCES = ("workers", "cpus_per_worker", "gpus_per_worker")
 ARCH_KEYS = ("arch", "depth", "growth_rate", "compression", "bottleneck")
 
 
@@ -114,7 +113,7 @@ def arch_problem(cfg: C.TrainConfig) -> str | None:
     """Why this configuration's architecture cannot be built, or None."""
     try:
         with torch.device("meta"):
-            M.build(cfg.arch, num_classes=10, **cfg.model_overrides())
+            from_config(cfg, 10, 3)
     except ValueError as err:
         return str(err)
     return None
@@ -123,10 +122,10 @@ def arch_problem(cfg: C.TrainConfig) -> str | None:
 def describe(cfg: C.TrainConfig, num_classes: int, in_channels: int = 3) -> dict:
     """k, L, theta, params and GMACs at the run's input size, from the model module."""
     with torch.device("meta"):
-        net = M.build(cfg.arch, num_classes=num_classes, in_channels=in_channels, **cfg.model_overrides())
+        net = from_config(cfg, num_classes, in_channels)
     return {"k": net.growth_rate, "L": net.depth, "theta": net.compression, "bottleneck": net.bottleneck,
             "params": sum(p.numel() for p in net.parameters()),
-            "gmacs": M.count_macs(net, cfg.image_size or net.input_size) / 1e9}
+            "gmacs": count_macs(net, cfg.image_size or net.input_size) / 1e9}
 
 
 def load_space(path: str, **overrides) -> Space:
@@ -152,7 +151,6 @@ def load_space(path: str, **overrides) -> Space:
     if preset not in C.PRESETS:
         fail("preset", f"{preset!r} is not a preset; choose one of {', '.join(C.PRESETS)}")
 
-    hints = typing.get_type_hints(C.TrainConfig)
     fields = {f.name for f in dataclasses.fields(C.TrainConfig)}
     fixed = doc.get("fixed") or {}
     if not isinstance(fixed, dict):
@@ -160,14 +158,16 @@ def load_space(path: str, **overrides) -> Space:
     for key, value in fixed.items():
         if key not in fields:
             fail(f"fixed.{key}", f"unknown field; TrainConfig has {', '.join(sorted(fields))}")
-        _check_type(value, hints[key], lambda m, k=key: fail(f"fixed.{k}", m))
+        fixed[key] = _coerce(key, value, lambda m, k=key: fail(f"fixed.{k}", m))
 
     resources = doc.get("resources") or {}
     for key, value in resources.items():
         if key not in RESOURCES:
             fail(f"resources.{key}", f"unknown key; allowed: {', '.join(RESOURCES)}")
-        if not isinstance(value, RESOURCES[key]) or isinstance(value, bool) or value < 0:
+        value = _coerce(key, value, lambda m, k=key: fail(f"resources.{k}", m))
+        if value < 0:
             fail(f"resources.{key}", f"{value!r}: expected a non-negative number")
+        resources[key] = value
 
     space = doc.get("space") or {}
     if not isinstance(space, dict) or not space:
@@ -187,8 +187,8 @@ def load_space(path: str, **overrides) -> Space:
                     or values[0] >= values[1] or (domain == "loguniform" and values[0] <= 0):
                 fail(f"{at}.{domain}", f"{values!r}: expected [low, high] with low < high"
                      + (" and low > 0" if domain == "loguniform" else ""))
-        for i, value in enumerate(values if domain in ("choice", "grid") else values[:2]):
-            _check_type(value, hints[key], lambda m, p=f"{at}.{domain}[{i}]": fail(p, m))
+        values = [_coerce(key, value, lambda m, p=f"{at}.{domain}[{i}]": fail(p, m)) if domain in ("choice", "grid")
+                  or i < 2 else value for i, value in enumerate(values)]
         domains[key] = (domain, values)
 
     scheduler_doc = doc.get("scheduler") or {}
@@ -220,19 +220,12 @@ def load_space(path: str, **overrides) -> Space:
                  max_concurrent=doc.get("max_concurrent", 1), seed=doc.get("seed", 0), name=doc.get("name", ""))
 
 
-def _check_type(value, hint, fail) -> None:
-    kind, optional = C._unwrap_optional(hint)
-    if value is None and optional:
-        return
-    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}
-    if typing.get_origin(kind) is tuple:
-        good = isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)
-    else:
-        good = ok.get(kind, True)
-    if not good:
-        name = getattr(kind, "__name__", str(kind))
-        fail(f"{value!r} has the wrong type; expected {'a list of numbers' if typing.get_origin(kind) is tuple else name}")
+def _coerce(name: str, value, fail):
+    """config.coerce, the rule command-line flags follow too, its message under the key path."""
+    try:
+        return C.coerce(name, value)
+    except ValueError as err:
+        fail(str(err))
 
 
 def _check_depths(base: C.TrainConfig, domains: dict, fail) -> None:

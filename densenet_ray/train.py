@@ -14,21 +14,29 @@ whose driver died; --max-failures restarts failed workers from the last checkpoi
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from densenet_ray import checkpoint, runtime, storage
 from densenet_ray import config as C
 from densenet_ray import data
+from densenet_ray.data import sources, write
+from densenet_ray.loop import train_loop
+from densenet_ray.tracking.runlog import RunLogger, run_status
+from densenet_ray.tracking.uri import TrackingError, check_tracking, resolve_tracking_uri
 
 
 def prepare_data(cfg: C.TrainConfig) -> data.Manifest:
-    """The dataset's manifest after the pre-flight checks; the digits demo converts itself."""
-    if cfg.preset == "digits" and not _exists(cfg.data):
-        from densenet_ray.data import sources, write
-
-        print(f"[densenet_ray] converting scikit-learn's digits to {cfg.data} (first run only)", flush=True)
-        write.convert(sources.digits(), cfg.data, progress=False, command="python -m densenet_ray.train digits")
+    """The dataset's manifest after the pre-flight checks; a built-in dataset (digits) converts
+    itself into --data on first use."""
+    if cfg.dataset in sources.BUILTIN and storage.kind(f"{cfg.data}/{data.MANIFEST}") == "missing":
+        print(f"[densenet_ray] converting {cfg.dataset} to {cfg.data} (first run only)", flush=True)
+        write.convert(sources.BUILTIN[cfg.dataset](), cfg.data, progress=False,
+                      command=f"python -m densenet_ray.train {cfg.preset}")
     m = data.check(cfg.data, splits=(cfg.train_split, cfg.val_split))
     if cfg.num_classes is not None and cfg.num_classes != m.num_classes:
         raise data.DataError(f"--num-classes {cfg.num_classes} does not match {cfg.data}, which has "
@@ -41,16 +49,6 @@ def prepare_data(cfg: C.TrainConfig) -> data.Manifest:
     return m
 
 
-def _exists(root: str) -> bool:
-    """Whether `root` holds a manifest (a broken one is reported by data.check, not overwritten)."""
-    import pyarrow.fs as pafs
-
-    from densenet_ray.data.manifest import MANIFEST, filesystem
-
-    fs, base = filesystem(root)
-    return fs.get_file_info(f"{base}/{MANIFEST}").type != pafs.FileType.NotFound
-
-
 def print_config(cfg: C.TrainConfig) -> None:
     print("[densenet_ray] configuration:")
     for name, value in C.to_dict(cfg).items():
@@ -59,97 +57,31 @@ def print_config(cfg: C.TrainConfig) -> None:
           + (f", warm-up {cfg.warmup:g} epochs" if cfg.warmup else ""), flush=True)
 
 
-def connect_ray(cfg: C.TrainConfig) -> None:
-    """Join the running cluster (`ray job submit`, RAY_ADDRESS, `ray start`), else start a local Ray.
-
-    Training workers reserve CPUs, and Ray Data's read and decode tasks need CPUs of their own or
-    the input pipeline waits forever: a local Ray gets enough logical CPUs for both (the OS shares
-    the cores), and a cluster without a spare CPU is refused before it can hang.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        local = {"num_cpus": max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + 2)}
-        recorded = recorded_cluster()
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        elif recorded and not _answers(recorded):
-            print(f"[densenet_ray] the Ray cluster recorded at {recorded} does not answer (stopped without "
-                  f"`ray stop`?); starting a local Ray instead", flush=True)
-            ray.init(address="local", **local)
-        else:
-            try:  # starts a local Ray, unless `ray start` left a cluster on this machine to join
-                ray.init(**local)
-            except ValueError as err:  # "When connecting to an existing cluster, num_cpus ... must not be provided"
-                if "existing cluster" not in str(err):
-                    raise
-                ray.init()
-    # An autoscaling cluster may start below the job's size: judge the most it can grow to.
-    total = max(ray.cluster_resources().get("CPU", 0), _autoscaler_max_cpus())
-    reserved = cfg.workers * cfg.cpus_per_worker
-    if total - reserved < 1:
-        raise ValueError(f"the Ray cluster has {total:g} CPUs and {cfg.workers} training workers reserve "
-                         f"{reserved:g} (--workers x --cpus-per-worker); Ray Data needs at least one more CPU to "
-                         f"read and decode images: lower --cpus-per-worker or --workers, or add CPU nodes")
+def connect(cfg: C.TrainConfig, concurrent: int = 1) -> None:
+    """Ray for `concurrent` runs of `cfg` at once: a local Ray gets a logical CPU for each worker's
+    reservation plus two for Ray Data's read and decode tasks (the OS shares the cores), and a
+    cluster without a spare CPU is refused before the input pipeline can wait forever."""
+    reserved = concurrent * cfg.workers * cfg.cpus_per_worker
+    runtime.connect(cpus=reserved + 2)
+    runtime.require_spare_cpu(reserved, who=f"{concurrent * cfg.workers} training workers",
+                              change="lower --cpus-per-worker or --workers")
 
 
-def recorded_cluster_file() -> str:
-    """Where `ray start --head` records its GCS address for later `ray.init()` calls on this machine."""
-    return os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
-
-
-def recorded_cluster() -> str | None:
-    """The GCS address `ray start --head` left on this machine for `ray.init()` to join, if any."""
-    path = recorded_cluster_file()
-    try:
-        with open(path) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
-def _answers(address: str) -> bool:
-    import socket
-
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=2):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
-def _autoscaler_max_cpus() -> float:
-    try:  # Ray Train sizes against the same figure; a private API, so only a hint
-        from ray._private.state import state
-
-        return (state.get_max_resources_from_cluster_config() or {}).get("CPU", 0)
-    except (ImportError, AttributeError):
-        return 0
-
-
-def preflight(cfg: C.TrainConfig) -> tuple[str, data.Manifest]:
+def preflight(cfg: C.TrainConfig, concurrent: int = 1) -> tuple[str, data.Manifest]:
     """Every check that can run before a worker starts, fastest first: the tracking URI (seconds),
     Ray, the data (manifest and shard footers, class count), a tracking store other nodes can reach."""
-    import ray
-
-    from densenet_ray import tracking
-
-    uri = tracking.resolve_tracking_uri(cfg.mlflow_tracking_uri)
-    tracking.check_tracking(uri)
-    connect_ray(cfg)
+    uri = resolve_tracking_uri(cfg.mlflow_tracking_uri)
+    check_tracking(uri)
+    connect(cfg, concurrent)
     manifest = prepare_data(cfg)
-    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-    if len(nodes) > 1:
-        tracking.check_tracking(uri, multi_node=True)  # workers on other nodes must reach it too
+    if len(runtime.cpu_nodes()) > 1:
+        check_tracking(uri, multi_node=True)  # workers on other nodes must reach it too
     return uri, manifest
 
 
 def open_run(cfg: C.TrainConfig, uri: str, manifest: data.Manifest, tags: dict | None = None):
     """The MLflow run of this training run (continued when one of that name is unfinished)."""
-    from densenet_ray import tracking
-
-    runlog = tracking.RunLogger.start(uri, cfg.experiment, cfg.run_name, params=C.to_dict(cfg), system_metrics=False,
+    runlog = RunLogger.start(uri, cfg.experiment, cfg.run_name, params=C.to_dict(cfg), system_metrics=False,
                                       tags={"preset": cfg.preset, "workers": str(cfg.workers), **(tags or {})})
     runlog.log_artifact_dict("config.json", C.to_dict(cfg))
     runlog.log_artifact_dict("class_index.json", {str(i): [w, n] for i, (w, n) in
@@ -162,12 +94,6 @@ def make_trainer(cfg: C.TrainConfig, manifest: data.Manifest, uri: str, run_id: 
                  register: bool = True):
     """The TorchTrainer for one training run; `register=False` leaves the final model out of the
     registry (Tune trials: the sweep registers its best)."""
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from densenet_ray.loop import train_loop
-
     # Both datasets run again every epoch: their start and plan lines would bury the epoch lines.
     ray.data.DataContext.get_current().print_on_execution_start = False
     size = cfg.image_size
@@ -196,42 +122,23 @@ def make_trainer(cfg: C.TrainConfig, manifest: data.Manifest, uri: str, run_id: 
 
 
 def completed_history(cfg: C.TrainConfig) -> tuple[str, list[dict], str] | None:
-    """(checkpoint path, per-epoch metrics, MLflow run id) when the run's last checkpoint holds its
+    """(checkpoint, per-epoch metrics, MLflow run id) when the run's newest checkpoint holds its
     final epoch."""
-    import io
-
-    import pyarrow.fs as pafs
-    import torch
-
-    from densenet_ray.loop import STATE_FILE
-
-    fs, base = pafs.FileSystem.from_uri(cfg.storage) if "://" in cfg.storage else (pafs.LocalFileSystem(),
-                                                                                 os.path.abspath(cfg.storage))
-    found = fs.get_file_info(pafs.FileSelector(f"{base}/{cfg.run_name}", allow_not_found=True))
-    epochs = sorted(i.path for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith("epoch_"))
-    if not epochs:
+    found = checkpoint.newest(f"{cfg.storage.rstrip('/')}/{cfg.run_name}")
+    if found is None:
         return None
-    with fs.open_input_file(f"{epochs[-1]}/{STATE_FILE}") as f:
-        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    state, _ = checkpoint.load(found)
     if state["epoch"] + 1 < cfg.epochs:
         return None
-    path = epochs[-1] if "://" not in cfg.storage else f"{cfg.storage.split('://')[0]}://{epochs[-1]}"
-    return path, state["history"], state["run_id"]
+    return found, state["history"], state["run_id"]
 
 
 def finished_run(cfg: C.TrainConfig, uri: str) -> str | None:
     """The MLflow run id when `cfg.run_name` has checkpointed its last epoch and its run is FINISHED
-    (a run interrupted while it registered its model is not: resubmitted, it completes that)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
+    (a run interrupted while it registered its model is not: resubmitted, it completes that; a run
+    in another store is finished into this one)."""
     done = completed_history(cfg)
-    try:
-        if done and MlflowClient(uri).get_run(done[2]).info.status == "FINISHED":
-            return done[2]
-    except MlflowException:  # its run is in another store: finish it into this one
-        pass
-    return None
+    return done[2] if done and run_status(uri, done[2]) == "FINISHED" else None
 
 
 def run(cfg: C.TrainConfig):
@@ -254,11 +161,9 @@ def run(cfg: C.TrainConfig):
 def main(argv: list[str] | None = None) -> int:
     cfg = C.from_args(sys.argv[1:] if argv is None else argv)
     print_config(cfg)
-    from densenet_ray.tracking import TrackingError
-
     try:
         result = run(cfg)
-    except (data.DataError, TrackingError, ValueError) as err:
+    except (data.DataError, TrackingError, runtime.ClusterError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if result is None:

@@ -22,8 +22,16 @@ import os
 import sys
 import time
 
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from densenet_ray import checkpoint, plots, spaces, train, trained
 from densenet_ray import config as C
-from densenet_ray import data, spaces, train
+from densenet_ray import data
+from densenet_ray.tracking import registry
+from densenet_ray.tracking.runlog import RunLogger, end_run, run_status, runs_tagged
+from densenet_ray.tracking.uri import TrackingError
 
 SWEEP_TAG, TRIAL_TAG = "densenet_ray.sweep", "densenet_ray.trial_id"
 
@@ -34,18 +42,12 @@ def trial_name(sweep: str, trial_id: str) -> str:
 
 def run_trial(config: dict, sweep: dict) -> None:
     """One Tune trial: a whole training run of `config["params"]` on top of the sweep's base."""
-    import ray.tune
-    from mlflow import MlflowClient
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from densenet_ray.tracking import RunLogger, end_run
-
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = C.from_dict(sweep["base"]).replace(**config["params"], run_name=trial_name(sweep["name"], trial_id))
     done = train.completed_history(cfg)
     if done:  # finished before the driver died, but Tune's last snapshot missed it: report, don't rerun
         path, history, run_id = done
-        if MlflowClient(sweep["uri"]).get_run(run_id).info.status == "RUNNING":  # killed before it closed
+        if run_status(sweep["uri"], run_id) == "RUNNING":  # killed before it closed
             end_run(sweep["uri"], run_id, "FINISHED")
         for metrics in history:
             ray.tune.report({**metrics, "checkpoint_path": path})
@@ -70,12 +72,6 @@ def print_trials(base: C.TrainConfig, trials: list[dict], skipped: list, num_cla
     for params, reason in skipped:
         print(f"  skipped {params}: {reason}")
     return rows
-
-
-def connect(base: C.TrainConfig, concurrent: int) -> None:
-    """Enough logical CPUs on a local Ray for `concurrent` trials and their data pipelines."""
-    wide = base.replace(workers=base.workers * concurrent)
-    train.connect_ray(wide)
 
 
 def summarise(results, base: C.TrainConfig, num_classes: int, channels: int) -> list[dict]:
@@ -118,47 +114,13 @@ def to_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def plot(rows: list[dict], title: str) -> bytes:
-    """Validation error against parameters, one point per trial (the paper's Figure 4 view)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    done = [r for r in rows if not math.isnan(r["best_val_top1_err"])]
-    for stopped, marker, label in ((False, "o", "ran every epoch"), (True, "x", "stopped by the scheduler")):
-        pts = [r for r in done if (r["status"] == "stopped early") == stopped]
-        ax.scatter([r["params"] for r in pts], [100 * r["best_val_top1_err"] for r in pts], marker=marker,
-                   label=label)
-        for r in pts:
-            ax.annotate(f"k={r['k']} L={r['L']} θ={r['theta']:g}", (r["params"], 100 * r["best_val_top1_err"]),
-                        fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("best validation top-1 error (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
-
-
 def close_trial_runs(rows: list[dict], uri: str, experiment: str, sweep: str) -> None:
     """Close the MLflow runs their trials left open: those the scheduler stopped (killed mid-run,
     marked as such) and any trial killed after its last epoch."""
-    from mlflow import MlflowClient
-
-    from densenet_ray.tracking import end_run
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
     for r in rows:
         if r["status"] == "error":  # the trainer marked it FAILED
             continue
-        for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{r['trial_id']}' "
-                                      f"and tags.`{SWEEP_TAG}` = '{sweep}'"):
+        for run in runs_tagged(uri, experiment, {TRIAL_TAG: r["trial_id"], SWEEP_TAG: sweep}):
             if run.info.status != "RUNNING":
                 continue
             if r["status"] == "stopped early":
@@ -170,14 +132,6 @@ def close_trial_runs(rows: list[dict], uri: str, experiment: str, sweep: str) ->
 
 def register_best(rows: list[dict], results, sweep_base: C.TrainConfig, uri: str, registered: str):
     """Register the final weights of the trial with the lowest final validation error."""
-    import torch
-
-    from mlflow import MlflowClient
-
-    from densenet_ray.loop import STATE_FILE
-    from densenet_ray.model import build
-    from densenet_ray.registry import log_and_register
-
     candidates = [(r["final_val_top1_err"], i) for i, r in enumerate(rows) if not math.isnan(r["final_val_top1_err"])]
     if not candidates:
         return None
@@ -185,17 +139,13 @@ def register_best(rows: list[dict], results, sweep_base: C.TrainConfig, uri: str
     path = (results[i].metrics or {}).get("checkpoint_path")
     if not path:
         return None
-    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
-    cfg = C.from_dict(state["config"])
-    net = build(cfg.arch, num_classes=len(state["classes"]), in_channels=state["example"].shape[1],
-                **cfg.model_overrides())
-    net.load_state_dict(state["model"])
+    state, source = checkpoint.load(path)
+    net = trained.rebuild(state, source)
     # Into the trial's finished run, without reopening it: its status and end time stay as the trial left them.
-    client = MlflowClient(uri)
-    run = client.get_run(state["run_id"])
-    version = log_and_register(client, uri, run.info.experiment_id, run.info.run_id, net,
-                               registered_name=registered, input_example=state["example"].numpy(),
-                               val_top1_err=err, extra={"run_name": cfg.run_name, "sweep": sweep_base.run_name or ""})
+    version = registry.log_and_register(uri, state["run_id"], net, registered_name=registered,
+                                        input_example=state["example"].numpy(), val_top1_err=err,
+                                        extra={"run_name": state["config"]["run_name"],
+                                               "sweep": sweep_base.run_name or ""})
     return rows[i]["trial_id"], version, err
 
 
@@ -227,32 +177,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"[densenet_ray] sweep {name!r}: {len(trials)} trials of {space.base.preset} ({space.scheduler.type}, "
           f"{space.max_concurrent} at a time, {base.workers} worker(s) each)", flush=True)
-    if args.dry_run:  # the dataset's class and channel counts when it is there, else the preset's usual
+    if args.dry_run:  # the dataset's class and channel counts when it is there, else those of its kind
         try:
             m = data.load_manifest(base.data)
             classes, channels = m.num_classes, m.channels
         except data.DataError:
-            classes = {"imagenet": 1000, "cifar100": 100, "cifar100_noaug": 100}.get(base.preset, 10)
-            channels = 1 if base.preset == "digits" else 3
+            classes, channels = C.DATASETS[base.dataset] or (10, 3)
         print_trials(base, trials, skipped, classes, channels)
         return 0
     try:
         return sweep(args, space, base, name, trials, skipped)
-    except (data.DataError, ValueError) as err:
+    except (data.DataError, TrackingError, ValueError) as err:  # ClusterError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
 def sweep(args, space, base: C.TrainConfig, name: str, trials: list[dict], skipped: list) -> int:
-    import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from densenet_ray.tracking import RunLogger, check_tracking, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(base.mlflow_tracking_uri)
-    check_tracking(uri)
-    connect(base, space.max_concurrent)
-    manifest = train.prepare_data(base)
+    uri, manifest = train.preflight(base, concurrent=space.max_concurrent)
     print_trials(base, trials, skipped, manifest.num_classes, manifest.channels)
     parent = RunLogger.start(uri, base.experiment, name, system_metrics=False, tags={SWEEP_TAG: name},
                              params={"space": args.space, "trials": len(trials), "scheduler": space.scheduler.type,
@@ -291,7 +232,7 @@ def sweep(args, space, base: C.TrainConfig, name: str, trials: list[dict], skipp
     print("\n" + table(rows), flush=True)
     parent.log_artifact_dict("trials.json", rows)
     parent.log_file("trials.csv", to_csv(rows).encode())
-    parent.log_file("error_vs_params.png", plot(rows, f"{name}: validation error against parameters"))
+    parent.log_file("error_vs_params.png", plots.error_vs_params(rows, f"{name}: validation error against parameters"))
     close_trial_runs(rows, uri, base.experiment, name)
     best = register_best(rows, list(results), base, uri, base.registered_model)
     if best:

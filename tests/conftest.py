@@ -153,7 +153,7 @@ class RayNodes:
         for folder in self.temp_dirs:
             shutil.rmtree(folder, ignore_errors=True)
         # `ray start --head` recorded this cluster for later `ray.init()` calls to join: forget it.
-        from densenet_ray.train import recorded_cluster, recorded_cluster_file
+        from densenet_ray.runtime import recorded_cluster, recorded_cluster_file
 
         if (recorded_cluster() or "").endswith(f":{self.gcs_port}"):
             os.remove(recorded_cluster_file())

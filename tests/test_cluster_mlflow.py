@@ -22,7 +22,7 @@ from cluster_files import KUBERAY, documents, of_kind
 from mlflow import MlflowClient
 from servers import free_port, stop_group, wait_until_healthy
 
-from densenet_ray.tracking import TrackingError, check_tracking
+from densenet_ray.tracking.uri import TrackingError, check_tracking
 
 TRAINER = "densenet-trainer"
 

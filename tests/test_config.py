@@ -1,9 +1,11 @@
 """Presets, command-line overrides and the learning-rate schedule (no Ray needed)."""
 
+import re
+
 import pytest
 
 from densenet_ray import config as C
-from densenet_ray.model import build
+from densenet_ray.model import from_config
 
 
 def test_paper_recipes():
@@ -18,12 +20,40 @@ def test_paper_recipes():
         assert (cfg.momentum, cfg.weight_decay) == (0.9, 1e-4)
 
 
+# The depth L (Table 1/2) and growth rate k each preset builds.
+PRESET_ARCH = {"imagenet": (121, 32), "cifar10": (100, 12), "cifar100": (100, 12), "cifar10_noaug": (100, 12),
+               "cifar100_noaug": (100, 12), "svhn": (100, 12), "digits": (22, 12)}
+
+
 @pytest.mark.parametrize("preset", list(C.PRESETS))
 def test_every_preset_resolves_and_builds(preset):
     cfg = C.from_args([preset])
     assert cfg.run_name.startswith(preset) and cfg.registered_model == f"densenet-{preset}"
-    net = build(cfg.arch, num_classes=10, **cfg.model_overrides())
-    assert net.depth > 0
+    classes, channels = C.DATASETS[cfg.dataset]
+    net = from_config(cfg, classes, channels)
+    assert (net.depth, net.growth_rate, net.in_channels, net.classifier.out_features) == (
+        *PRESET_ARCH[preset], channels, classes)
+
+
+@pytest.mark.parametrize("name, text, value, typed", [
+    ("epochs", "12", 12, 12), ("lr", "0.05", 0.05, 0.05), ("channels_last", "true", True, True),
+    ("lr_milestones", "0.5,0.75", (0.5, 0.75), [0.5, 0.75]), ("image_size", "none", None, None),
+])
+def test_flags_and_yaml_values_follow_one_typing_rule(name, text, value, typed):
+    assert C.coerce(name, text) == value == C.coerce(name, typed)
+    assert C.from_args(["digits", f"--{name.replace('_', '-')}", text, "--run-name", "r"]).replace(
+        run_name="r") == C.PRESETS["digits"].replace(**{name: value}).resolved().replace(run_name="r")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("epochs", "three", "'three' is not an integer"), ("epochs", 2.5, "2.5 is not an integer"),
+    ("epochs", True, "True is not an integer"), ("lr", "inf", "not a finite number"),
+    ("bottleneck", "maybe", "is not a boolean"), ("arch", 121, "is not text"),
+    ("epoch", 3, "unknown field 'epoch' (did you mean 'epochs'?)"),
+])
+def test_coerce_refuses_with_the_reason(name, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        C.coerce(name, value)
 
 
 def test_linear_scaling_and_warmup_past_the_recipe_batch():
@@ -43,7 +73,7 @@ def test_overrides_are_typed():
                        "--run-name", "r1", "--image-size", "none"])
     assert (cfg.epochs, cfg.growth_rate, cfg.depth, cfg.bottleneck, cfg.compression) == (3, 24, 40, False, 1.0)
     assert cfg.lr_milestones == (0.5, 0.9) and cfg.channels_last is True and cfg.image_size is None
-    net = build(cfg.arch, num_classes=10, **cfg.model_overrides())
+    net = from_config(cfg, 10, 3)
     assert net.depth == 40 and not net.bottleneck and net.growth_rate == 24
 
 

@@ -13,9 +13,10 @@ from mlflow import MlflowClient
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from densenet_ray import analyze, data, evaluate, export, models, predict, train
+from densenet_ray import analyze, data, evaluate, export, predict, train
+from densenet_ray.trained import class_probabilities, load as load_model
 from densenet_ray.model import summary
-from densenet_ray.registry import load_registered_model
+from densenet_ray.tracking.registry import load_registered_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 CHAMPION = "models:/densenet-digits@champion"
@@ -91,10 +92,10 @@ def test_ten_crop_is_reported_separately_and_matches_a_direct_computation(traine
     assert metrics["eval_val_tencrop_top1_err"] != metrics["eval_val_top1_err"]  # another protocol, not a copy
 
     # Image by image, the probabilities evaluate's actors compute from the pipeline's ten-crop rows.
-    model = models.load(CHAMPION, tracking_uri=trained["uri"])
+    model = load_model(CHAMPION, tracking_uri=trained["uri"])
     m = data.load_manifest(trained["data"])
     batch = data.read_split(trained["data"], "val", evaluate.TENCROP, image_size=16, with_keys=True).take_batch(12)
-    ours = evaluate.class_probabilities(model.net, torch.tensor(batch["image"]), m.mean, m.std)
+    ours = class_probabilities(model.net, torch.tensor(batch["image"]), m.mean, m.std)
     torch.testing.assert_close(ours, torch.stack([direct[k] for k in batch["key"]]), atol=1e-5, rtol=0)
 
 
@@ -104,7 +105,7 @@ def test_every_form_of_model_argument_is_the_registered_network(trained, registe
     x = torch.randn(4, 1, 16, 16)
     for source in (CHAMPION, "models:/densenet-digits/1", f"runs:/{run_id}", f"runs:/{run_id}/model",
                    f"{trained['storage']}/eval"):
-        m = models.load(source, tracking_uri=trained["uri"])
+        m = load_model(source, tracking_uri=trained["uri"])
         assert (m.run_id, m.classes, m.image_size) == (run_id, [str(i) for i in range(10)], 16), source
         with torch.no_grad():
             torch.testing.assert_close(m.net(x), module(x), atol=1e-6, rtol=0)
@@ -146,7 +147,7 @@ def test_predict_writes_one_row_per_file_and_why_some_could_not_be_used(trained,
 
 
 def test_predict_on_a_dataset_split_agrees_with_evaluate(trained, tmp_path):
-    model = models.load(CHAMPION, tracking_uri=trained["uri"])
+    model = load_model(CHAMPION, tracking_uri=trained["uri"])
     out = tmp_path / "val.parquet"
     result = predict.predict(model, trained["data"], str(out), splits=["val"], top_k=3)
     table = pq.read_table(out)
@@ -159,7 +160,7 @@ def test_predict_on_a_dataset_split_agrees_with_evaluate(trained, tmp_path):
 def test_analyze_draws_figure_5_for_the_registered_model(trained, tmp_path):
     out = tmp_path / "analysis"
     assert analyze.main([CHAMPION, "--out", str(out), "--mlflow-tracking-uri", trained["uri"]]) == 0
-    model = models.load(CHAMPION, tracking_uri=trained["uri"])
+    model = load_model(CHAMPION, tracking_uri=trained["uri"])
     blocks = json.load(open(out / "feature_reuse.json"))["blocks"]
     assert [np.array(b).shape for b in blocks] == [(n + 1, n + 1) for n in model.net.block_config] == [(4, 4)] * 3
     facts = json.load(open(out / "summary.json"))

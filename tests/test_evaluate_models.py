@@ -12,11 +12,11 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from densenet_ray import evaluate, models
+from densenet_ray import checkpoint, evaluate, trained
 from densenet_ray.config import PRESETS, to_dict
 from densenet_ray.data import Manifest
 from densenet_ray.model import build
-from densenet_ray.tracking_uri import TrackingError
+from densenet_ray.tracking.uri import TrackingError
 
 
 def touch_and_build(marker: str) -> nn.Module:
@@ -48,14 +48,14 @@ def digits_net(seed: int):
 
 
 def write_checkpoint(folder, state_of_model, *, epoch=0, cfg=None, **extra):
-    """A checkpoint as loop.Publisher writes it: STORAGE/RUN/epoch_NNNN/state.pt."""
+    """A checkpoint as training writes it: STORAGE/RUN/epoch_NNNN/state.pt."""
     cfg = cfg or PRESETS["digits"].replace(run_name="tiny", data="/nowhere")
-    path = folder / f"epoch_{epoch:04d}" / "state.pt"
-    path.parent.mkdir(parents=True)
-    torch.save({"model": state_of_model, "optimizer": {}, "scaler": {}, "epoch": epoch,
-                "history": [{"epoch": epoch, "val_top1_err": 0.25, "val_top5_err": 0.05}], "config": to_dict(cfg),
-                "classes": [str(i) for i in range(10)], "run_id": None, "rng": {}, **extra}, path)
-    return path
+    where = folder / checkpoint.folder_name(epoch)
+    where.mkdir(parents=True)
+    checkpoint.save({"model": state_of_model, "optimizer": {}, "scaler": {}, "epoch": epoch,
+                     "history": [{"epoch": epoch, "val_top1_err": 0.25, "val_top5_err": 0.05}], "config": to_dict(cfg),
+                     "classes": [str(i) for i in range(10)], "run_id": None, "rng": {}, **extra}, str(where))
+    return where / checkpoint.STATE_FILE
 
 
 def test_a_run_folder_means_its_newest_epoch(tmp_path):
@@ -65,7 +65,7 @@ def test_a_run_folder_means_its_newest_epoch(tmp_path):
     x = torch.randn(3, 1, 16, 16)
     for source, epoch in [(tmp_path / "tiny", 1), (tmp_path / "tiny" / "epoch_0000", 0),
                           (tmp_path / "tiny" / "epoch_0000" / "state.pt", 0)]:
-        m = models.load(str(source))
+        m = trained.load(str(source))
         assert m.name == f"checkpoint tiny epoch {epoch + 1}"
         with torch.no_grad():
             torch.testing.assert_close(m.net(x), nets[epoch](x), atol=0, rtol=0)
@@ -87,20 +87,20 @@ def test_wrong_models_are_named_with_what_is_accepted(tmp_path, source, message)
     write_checkpoint(tmp_path / "arch", other)  # config says densenet_bc22_k12
     source = {"EMPTY_FOLDER": tmp_path / "empty", "NOT_A_CHECKPOINT": tmp_path / "other.pt",
               "OTHER_ARCH": tmp_path / "arch"}.get(source, source)
-    with pytest.raises(models.ModelError, match=message):
-        models.load(str(source))
+    with pytest.raises(trained.ModelError, match=message):
+        trained.load(str(source))
 
 
 def test_checkpoint_that_needs_pickle_is_refused_and_its_code_never_runs(tmp_path, capsys):
     marker = tmp_path / "pwned"
     write_checkpoint(tmp_path / "evil", Planted(marker))
-    with pytest.raises(models.ModelError, match="needs pickle.*--trust-pickle"):
-        models.load(str(tmp_path / "evil"))
+    with pytest.raises(trained.ModelError, match="needs pickle.*--trust-pickle"):
+        trained.load(str(tmp_path / "evil"))
     assert evaluate.main([str(tmp_path / "evil"), str(tmp_path), "--no-log"]) == 2
     assert "--trust-pickle" in capsys.readouterr().err
     assert not marker.exists()
-    with pytest.raises(models.ModelError):  # trusted: it unpickles (the plant is live), then is no DenseNet
-        models.load(str(tmp_path / "evil"), trust_pickle=True)
+    with pytest.raises(trained.ModelError):  # trusted: it unpickles (the plant is live), then is no DenseNet
+        trained.load(str(tmp_path / "evil"), trust_pickle=True)
     assert marker.exists()
 
 
@@ -116,10 +116,10 @@ def test_registered_model_that_needs_pickle_is_refused_and_its_code_never_runs(t
             mlflow.set_tracking_uri(None)
         assert MlflowClient(uri).get_model_version("planted", "1")
         with pytest.raises(TrackingError, match="needs pickle.*--trust-pickle"):
-            models.load("models:/planted/1", tracking_uri=uri)
+            trained.load("models:/planted/1", tracking_uri=uri)
         assert not marker.exists()
-        with pytest.raises(models.ModelError):
-            models.load("models:/planted/1", tracking_uri=uri, trust_pickle=True)
+        with pytest.raises(trained.ModelError):
+            trained.load("models:/planted/1", tracking_uri=uri, trust_pickle=True)
         assert marker.exists()
     shutil.rmtree(tmp_path / "mlruns", ignore_errors=True)
 
@@ -137,30 +137,30 @@ def manifest(**changes) -> Manifest:
 ])
 def test_data_the_model_was_not_trained_for_is_an_error(tmp_path, changes, message):
     write_checkpoint(tmp_path / "tiny", digits_net(0).state_dict())
-    model = models.load(str(tmp_path / "tiny"))
-    models.check_compatible(model, manifest())
-    with pytest.raises(models.ModelError, match=message):
-        models.check_compatible(model, manifest(**changes))
+    model = trained.load(str(tmp_path / "tiny"))
+    trained.check_compatible(model, manifest())
+    with pytest.raises(trained.ModelError, match=message):
+        trained.check_compatible(model, manifest(**changes))
 
 
 def test_normalisation_is_the_training_datas_else_says_what_to_pass(tmp_path):
     write_checkpoint(tmp_path / "tiny", digits_net(0).state_dict())  # its config's data: /nowhere
-    model = models.load(str(tmp_path / "tiny"))
-    with pytest.raises(models.ModelError, match="/nowhere .*--stats DATASET"):
-        models.normalization(model)
-    mean, std, where = models.normalization(model, fallback=manifest())
+    model = trained.load(str(tmp_path / "tiny"))
+    with pytest.raises(trained.ModelError, match="/nowhere .*--stats DATASET"):
+        trained.normalization(model)
+    mean, std, where = trained.normalization(model, fallback=manifest())
     assert (mean, std) == ((0.3,), (0.4,)) and "not readable" in where
-    with pytest.raises(models.ModelError, match="--stats .* 3-channel"):
-        models.normalization(model, given=manifest(channels=3, mean=(0.3,) * 3, std=(0.4,) * 3))
+    with pytest.raises(trained.ModelError, match="--stats .* 3-channel"):
+        trained.normalization(model, given=manifest(channels=3, mean=(0.3,) * 3, std=(0.4,) * 3))
     assert os.path.exists(tmp_path / "tiny")
 
 
 def test_results_of_a_model_whose_run_is_elsewhere_go_to_a_new_run(tmp_path):
     write_checkpoint(tmp_path / "tiny", digits_net(0).state_dict(), run_id="0123456789abcdef")  # another store's
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    model = models.load(str(tmp_path / "tiny"), tracking_uri=uri)
+    model = trained.load(str(tmp_path / "tiny"), tracking_uri=uri)
     (tmp_path / "note.json").write_text("{}")
-    run_id = models.record(model, metrics={"eval_val_top1_err": 0.5}, tags={"eval_val_data": "/d"},
+    run_id = trained.record(model, metrics={"eval_val_top1_err": 0.5}, tags={"eval_val_data": "/d"},
                            artifacts=[str(tmp_path / "note.json")], artifact_dir="analysis")
     client = MlflowClient(uri)
     run = client.get_run(run_id)

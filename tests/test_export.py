@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from densenet_ray import export, models
+from densenet_ray import export, trained
 from densenet_ray.config import PRESETS
 from densenet_ray.model import build
 
@@ -21,14 +21,14 @@ REFERENCE = bytes.fromhex(
     "3a5b31362c31395d7d7d202003000000000000000000c03f000000c0010001")
 
 
-def tiny_model() -> models.Model:
+def tiny_model() -> trained.Model:
     """The digits demo's architecture with random weights and BatchNorm statistics off 0 and 1."""
     torch.manual_seed(0)
     cfg = PRESETS["digits"].replace(run_name="tiny", data="/nowhere")
     net = build(cfg.arch, num_classes=10, in_channels=1, **cfg.model_overrides())
     net.train()(torch.randn(32, 1, 16, 16) * 2 + 1)
     classes = [str(i) for i in range(10)]
-    return models.Model(net.eval(), cfg, classes, classes, source="tiny", name="tiny")
+    return trained.Model(net.eval(), cfg, classes, classes, source="tiny", name="tiny")
 
 
 def test_safetensors_bytes_are_the_reference_implementations(tmp_path):

@@ -20,10 +20,12 @@ import urllib.request
 
 import psutil
 import pytest
+import torch
 from mlflow import MlflowClient
 from servers import free_port, stop_group, the_run, wait_until_healthy
 
-from densenet_ray.registry import load_registered_model
+from densenet_ray import checkpoint, trained
+from densenet_ray.tracking.registry import load_registered_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The driver refuses 127.0.0.1 and localhost as the tracking server of a multi-node cluster (on real
@@ -132,9 +134,10 @@ def submit(cluster: Cluster, tmp_path, run_name: str, uri: str, *flags: str) -> 
     return submission_id
 
 
-def assert_tracked_once(uri: str, run_name: str, epochs: int):
+def assert_tracked_once(uri: str, run_name: str, epochs: int, storage):
     """One finished run with every epoch's metrics exactly once, and one registered model version
-    of it, loadable from the server (its files went through the server's artifact proxy)."""
+    of it, loaded from the server (its files went through the server's artifact proxy), that computes
+    what the run's final checkpoint computes."""
     client, run = the_run(uri, run_name)
     assert run.info.status == "FINISHED"
     for key in ("train_loss", "val_top1_err", "lr", "images_per_s"):
@@ -144,7 +147,10 @@ def assert_tracked_once(uri: str, run_name: str, epochs: int):
     assert len(versions) == 1 and versions[0].name == "densenet-digits"
     assert client.get_model_version_by_alias("densenet-digits", "candidate").version == versions[0].version
     model = load_registered_model(f"models:/densenet-digits/{versions[0].version}", tracking_uri=uri)
-    assert model is not None
+    state, _ = checkpoint.load(os.path.join(storage, run_name))
+    assert state["epoch"] == epochs - 1 and state["run_id"] == run.info.run_id
+    with torch.no_grad():
+        torch.testing.assert_close(model(state["example"]), trained.rebuild(state)(state["example"]), atol=1e-5, rtol=0)
     return client, run
 
 
@@ -165,7 +171,7 @@ def test_job_runs_on_two_nodes_and_tracks_to_the_shared_server(cluster, mlflow_s
     logs = cluster.logs(job)
     assert status == "SUCCEEDED", logs[-6000:]
     assert "done: 'two-nodes', 3 epochs" in logs
-    assert_tracked_once(mlflow_server, "two-nodes", 3)
+    assert_tracked_once(mlflow_server, "two-nodes", 3, tmp_path / "runs")
 
 
 def logged_epochs(uri: str, run_name: str) -> int:
@@ -216,7 +222,7 @@ def test_training_survives_losing_a_node_and_resumes_when_it_is_back(cluster, ml
     logs = cluster.logs(job)
     assert status == "SUCCEEDED", logs[-6000:]
     assert f"done: '{run_name}', {epochs} epochs" in logs
-    client, run = assert_tracked_once(mlflow_server, run_name, epochs)
+    client, run = assert_tracked_once(mlflow_server, run_name, epochs, tmp_path / "runs")
     # From the last checkpoint Ray Train had registered: the last epoch logged, or the one before
     # when the node died between the epoch's report and the controller's next poll of the workers.
     resumed = int(run.data.tags["densenet_ray.resumed_after_epoch"])

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from densenet_ray import models, predict
+from densenet_ray import predict, trained
 from densenet_ray.config import PRESETS
-from densenet_ray.evaluate import class_probabilities
+from densenet_ray.trained import class_probabilities
 from densenet_ray.model import build
 
 MEAN, STD = (0.3,), (0.4,)
@@ -32,7 +32,7 @@ def predictor():
     net = build(cfg.arch, num_classes=10, in_channels=1, **cfg.model_overrides())
     net.train()(torch.randn(16, 1, 16, 16))
     classes = [f"digit {i}" for i in range(10)]
-    model = models.Model(net.eval(), cfg, classes, classes, source="tiny", name="tiny")
+    model = trained.Model(net.eval(), cfg, classes, classes, source="tiny", name="tiny")
     return predict.Predictor(model.spec(), MEAN, STD, cfg.eval_transform, 16, "L", classes, k=3), model
 
 

@@ -9,7 +9,9 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from densenet_ray.tracking import RunLogger, TrackingError, check_tracking, resolve_tracking_uri
+from densenet_ray import plots
+from densenet_ray.tracking.runlog import RunLogger
+from densenet_ray.tracking.uri import TrackingError, check_tracking, resolve_tracking_uri
 
 
 def history(uri, run_id, key):
@@ -64,7 +66,7 @@ def test_run_records_params_tags_metrics_and_artifacts(home):
         run.log_epoch(metrics["epoch"], metrics)
     run.log_artifact_dict("config.json", {"lr": 0.1, "arch": "densenet40_k12"})
     run.log_artifact_dict("class_index.json", ["cat", "dog"])
-    run.log_curves(epochs)
+    run.log_file("training_curves.png", plots.curves(epochs))
     run.finish()
 
     client = MlflowClient(uri)

@@ -12,8 +12,9 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from densenet_ray.registry import load_registered_model
-from densenet_ray.tracking import RunLogger, TrackingError, resolve_tracking_uri
+from densenet_ray.tracking.registry import load_registered_model, log_and_register
+from densenet_ray.tracking.runlog import RunLogger
+from densenet_ray.tracking.uri import TrackingError, resolve_tracking_uri
 
 _globals_unpickled: list | None = None
 
@@ -78,7 +79,7 @@ def test_candidate_is_the_newest_and_champion_the_best(run):
     models = {}
     for seed, err, candidate, champion in [(1, 0.30, 1, 1), (2, 0.40, 2, 1), (3, 0.20, 3, 3)]:
         models[seed] = tiny_cnn(seed)
-        version = run.log_and_register_model(models[seed], registered_name="cnn",
+        version = log_and_register(run.uri, run.run_id, models[seed], registered_name="cnn",
                                              input_example=images(2), val_top1_err=err,
                                              extra={"arch": "tiny"})
         assert version == seed
@@ -97,7 +98,7 @@ def test_candidate_is_the_newest_and_champion_the_best(run):
 @pytest.mark.parametrize("make_model", [tiny_cnn, tiny_densenet])
 def test_registered_model_loads_without_unpickling(run, make_model):
     model = make_model(0)
-    run.log_and_register_model(model, registered_name="safe", input_example=images(1),
+    log_and_register(run.uri, run.run_id, model, registered_name="safe", input_example=images(1),
                                val_top1_err=0.5)
     source = MlflowClient(run.uri).get_model_version("safe", "1").source  # models:/m-...
     folder = run_home(run) / "artifacts" / "models" / source.removeprefix("models:/") / "artifacts"
@@ -137,5 +138,5 @@ def test_model_that_needs_pickle_is_refused_unless_trusted(run):
 @pytest.mark.parametrize("example", [images(2).astype(np.float64), images(2)[0]])
 def test_input_example_must_be_float32_images(run, example):
     with pytest.raises(ValueError, match=r"float32 array of shape \(N, C, H, W\)"):
-        run.log_and_register_model(tiny_cnn(0), registered_name="bad", input_example=example,
+        log_and_register(run.uri, run.run_id, tiny_cnn(0), registered_name="bad", input_example=example,
                                    val_top1_err=0.5)

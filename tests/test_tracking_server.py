@@ -20,8 +20,9 @@ from mlflow import MlflowClient
 from servers import free_port
 from torch import nn
 
-from densenet_ray.registry import load_registered_model
-from densenet_ray.tracking import RunLogger, TrackingError, check_tracking
+from densenet_ray.tracking.registry import load_registered_model, log_and_register
+from densenet_ray.tracking.runlog import RunLogger
+from densenet_ray.tracking.uri import TrackingError, check_tracking
 
 
 class MlflowServer:
@@ -201,7 +202,7 @@ def test_registry_through_the_server(server):
                           nn.Linear(4, 5))
     with RunLogger.start(server.uri, "registry", "run", params={}) as run:
         example = np.random.default_rng(0).standard_normal((2, 3, 8, 8), dtype=np.float32)
-        assert run.log_and_register_model(model, registered_name="served", input_example=example,
+        assert log_and_register(run.uri, run.run_id, model, registered_name="served", input_example=example,
                                           val_top1_err=0.5) == 1
     loaded = load_registered_model("models:/served@champion", tracking_uri=server.uri)
     x = torch.randn(4, 3, 8, 8)

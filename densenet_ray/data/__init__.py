@@ -12,9 +12,9 @@ Data flows one way: sources (readers of the datasets people have) -> write (shar
 (the format and its checks) -> pipeline (Ray Data, transforms) -> training.
 """
 
-from .manifest import DataError, Manifest, Split, check, load_manifest
+from .manifest import MANIFEST, DataError, Manifest, Split, check, load_manifest
 from .pipeline import dataset_config, read_split, skipped_rows
 from .transforms import TRANSFORMS
 
-__all__ = ["DataError", "Manifest", "Split", "TRANSFORMS", "check", "dataset_config", "load_manifest",
+__all__ = ["MANIFEST", "DataError", "Manifest", "Split", "TRANSFORMS", "check", "dataset_config", "load_manifest",
            "read_split", "skipped_rows"]

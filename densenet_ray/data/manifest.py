@@ -13,7 +13,6 @@ A dataset folder (README "Dataset format" is the full description):
 """
 
 import json
-import os
 import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from densenet_ray import storage
 
 FORMAT = "densenet_ray.shards"
 VERSION = 1
@@ -43,15 +44,10 @@ class DataError(Exception):
 
 def filesystem(root):
     """(pyarrow FileSystem, path inside it) for a local path or a URI pyarrow reads (file://, s3://)."""
-    root = str(root)
-    if "://" not in root:
-        return pafs.LocalFileSystem(), os.path.abspath(root)
     try:
-        fs, path = pafs.FileSystem.from_uri(root)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-        raise DataError(f"{root}: not a location pyarrow can open ({e}); use a local path, "
-                        "file:///abs/path, s3://bucket/prefix, gs://... or hdfs://...") from e
-    return fs, path.rstrip("/") or "/"
+        return storage.filesystem(root)
+    except storage.StorageError as e:
+        raise DataError(str(e)) from e
 
 
 @dataclass(frozen=True)

@@ -282,3 +282,7 @@ def _cifar_reader(src, folder):
         except KeyError:
             raise DataError(f"{src}: no member {folder}/{name}; is this the python version?") from None
     return read
+
+
+# Datasets that ship with a dependency: `train` converts them into --data on first use (config.dataset).
+BUILTIN = {"digits": digits}

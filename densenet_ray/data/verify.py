@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 import ray
 from PIL import Image, ImageDraw
 
+from densenet_ray import runtime
+
 from .images import Rejected, load, open_image
 from .manifest import SCHEMA, DataError, check_footer, filesystem, load_manifest
 
@@ -33,6 +35,7 @@ def verify(root, sample=None, seed=0):
     total = sum(sh.rows for _, sh in shards)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(total, min(sample, total), replace=False)) if sample is not None else None
+    runtime.connect()
     refs, start = [], 0
     for split, sh in shards:
         rows = None if chosen is None else chosen[(chosen >= start) & (chosen < start + sh.rows)] - start

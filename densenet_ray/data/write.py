@@ -23,6 +23,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from densenet_ray import runtime
+
 from .counter import Counter
 from .images import Rejected, channel_histograms, encode_array, mean_std, prepare
 from .manifest import MANIFEST, REJECTS, SCHEMA, DataError, Manifest, Shard, Split, filesystem, write_manifest
@@ -55,8 +57,7 @@ def convert(source, out, *, shard_mb=SHARD_MB, max_side=None, quality=90, seed=0
         for i, idx in enumerate(np.array_split(np.arange(len(items)), n)):
             plans.append((split, f"{split}/{split}-{i:05d}.parquet", [items[j] for j in idx]))
 
-    if not ray.is_initialized():
-        ray.init()
+    runtime.connect()
     counter = Counter.remote()
     refs = [_write_shard.remote(items, fs, base, file, opts, len(source.wnids), split == "train", counter)
             for split, file, items in plans]

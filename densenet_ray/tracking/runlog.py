@@ -1,6 +1,6 @@
-"""MLflow for densenet_ray: one MLflow run per training run, with its parameters, per-epoch
-metrics, system metrics, tags and artifacts, logged so that tracking-server outages do not stop
-training. Which URI and its checks: `tracking_uri.py`; models and the registry: `registry.py`.
+"""One MLflow run per training run, with its parameters, per-epoch metrics, system metrics, tags
+and artifacts, logged so that tracking-server outages do not stop training. Which URI and its
+checks: `uri.py`; models and the registry: `registry.py`; evaluation results: `results.py`.
 
 Used on rank 0, behind the training loop's single side-effect guard:
 
@@ -11,9 +11,8 @@ Used on rank 0, behind the training loop's single side-effect guard:
         run.log_artifact_dict("config.json", asdict(cfg))
         for epoch in ...:
             run.log_epoch(epoch, metrics)                  # never raises on an outage
-        run.log_curves(history)
-        run.log_and_register_model(model, registered_name="densenet121-imagenet",
-                                   input_example=images[:2], val_top1_err=0.25)
+        run.log_file("training_curves.png", plots.curves(history))
+        run.flush()                                    # then registry.log_and_register(uri, run.run_id, ...)
 
 Outages: MLflow's own client retries a failing request for minutes. `log_epoch` instead queues its
 points and makes one attempt per call with a short deadline (no MLflow retries), so a dead server
@@ -27,11 +26,9 @@ default, and an `mlflow server` on a database) drops the identical copy. A serve
 
 import contextlib
 import importlib.metadata
-import io
 import json
 import logging
 import math
-import numbers
 import platform
 import posixpath
 import socket
@@ -43,9 +40,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-# check_tracking and resolve_tracking_uri are re-exported: train.py takes MLflow from here.
-from densenet_ray.tracking_uri import (TrackingError, artifact_root, check_tracking,  # noqa: F401
-                                       resolve_tracking_uri, temporary_env)
+from densenet_ray.tracking.uri import TrackingError, artifact_root, temporary_env
 
 _log = logging.getLogger(__name__)
 
@@ -123,11 +118,11 @@ class RunLogger:
         metrics (needs psutil). `step_timeout_s` bounds each log_epoch during an outage.
         """
         client = MlflowClient(uri)
-        experiment_id = _experiment_id(client, uri, experiment)
+        exp_id = experiment_id(client, uri, experiment)
         if run_id is None:
-            run_id = _unfinished_run(client, experiment_id, run_name)
+            run_id = _unfinished_run(client, exp_id, run_name)
         if run_id is None:
-            run = client.create_run(experiment_id, run_name=run_name)
+            run = client.create_run(exp_id, run_name=run_name)
         else:
             try:
                 run = client.get_run(run_id)
@@ -139,7 +134,7 @@ class RunLogger:
                                     "another --mlflow-tracking-uri?") from None
             client.update_run(run_id, status="RUNNING")
             _log.info("continuing MLflow run %s (%s)", run_id, run.info.run_name)
-        self = cls(client, uri, experiment_id, run.info.run_id, step_timeout_s=step_timeout_s)
+        self = cls(client, uri, exp_id, run.info.run_id, step_timeout_s=step_timeout_s)
         self._log_params(run.data.params, _flatten(params))
         all_tags = [RunTag(k, str(v)) for k, v in {**environment_tags(), **(tags or {})}.items()]
         for i in range(0, len(all_tags), _MAX_PARAMS):
@@ -203,35 +198,9 @@ class RunLogger:
         self._pending_files[name] = content
         self._flush(self._step_timeout_s)
 
-    def log_curves(self, history: list[dict], name: str = "training_curves.png") -> None:
-        """One panel per metric against epoch, from the per-epoch metric dicts."""
-        from matplotlib.figure import Figure  # no pyplot: no global state, no display
-
-        if not history:
-            return
-        keys = [k for k, v in history[0].items() if k != "epoch" and isinstance(v, numbers.Real)]
-        cols = min(3, len(keys))
-        rows = math.ceil(len(keys) / cols)
-        fig = Figure(figsize=(4 * cols, 3 * rows), layout="constrained")
-        epochs = [h.get("epoch", i) for i, h in enumerate(history)]
-        for i, key in enumerate(keys):
-            ax = fig.add_subplot(rows, cols, i + 1)
-            ax.plot(epochs, [h.get(key, math.nan) for h in history], marker=".")
-            ax.set(title=key, xlabel="epoch")
-            ax.grid(alpha=0.3)
-        png = io.BytesIO()
-        fig.savefig(png, format="png", dpi=100)
-        self.log_file(name, png.getvalue())
-
-    def log_and_register_model(self, model, *, registered_name: str, input_example,
-                               val_top1_err: float, extra: dict | None = None) -> int:
-        """Log `model` without pickle and register it; see registry.log_and_register."""
-        from densenet_ray.registry import log_and_register
-
-        self._flush(self._step_timeout_s)
-        return log_and_register(self._client, self.uri, self.experiment_id, self.run_id, model,
-                                registered_name=registered_name, input_example=input_example,
-                                val_top1_err=val_top1_err, extra=extra or {})
+    def flush(self) -> bool:
+        """Deliver what is queued now (one try per request); True when all of it landed."""
+        return self._flush(self._step_timeout_s)
 
     def finish(self, status: str = "FINISHED", *, wait_s: float = 60.0) -> None:
         """Stop system metrics, deliver queued points (retrying for up to `wait_s`), end the
@@ -304,7 +273,28 @@ def end_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> Non
     client.set_terminated(run_id, status)
 
 
-def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+def run_status(uri: str, run_id: str) -> str | None:
+    """RUNNING, FINISHED, FAILED or KILLED; None when the store at `uri` has no such run."""
+    try:
+        return MlflowClient(uri).get_run(run_id).info.status
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return None
+
+
+def runs_tagged(uri: str, experiment: str, tags: dict[str, str]) -> list:
+    """The runs of `experiment` that carry every tag in `tags` (MLflow Run objects)."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    where = " and ".join(f"tags.`{k}` = {_quoted(str(v))}" for k, v in tags.items())
+    return client.search_runs([found.experiment_id], filter_string=where)
+
+
+def experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    """The id of experiment `name`, created (artifacts beside an embedded store) when missing."""
     if experiment := client.get_experiment_by_name(name):
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(f"experiment {name!r} in {uri} is deleted: restore it with "

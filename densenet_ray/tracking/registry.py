@@ -1,9 +1,11 @@
 """The model registry: a run's final model logged without pickle, registered as a new version
 with the alias `candidate`, and `champion` while it has the lowest validation top-1 error.
 
-    version = run.log_and_register_model(model, registered_name="densenet121-imagenet",
-                                         input_example=images[:2], val_top1_err=0.253)  # RunLogger
+    version = log_and_register(uri, run_id, model, registered_name="densenet121-imagenet",
+                               input_example=images[:2], val_top1_err=0.253)
     model = load_registered_model("models:/densenet121-imagenet@champion")
+    fetched = fetch_model("models:/densenet121-imagenet/3", uri)  # module + its run's config.json
+
     logits = model(images)  # float32 NCHW, normalised like the training data, any batch size
 
 or, from any MLflow client, on numpy arrays:
@@ -26,9 +28,13 @@ training checkpoint instead.
 
 import copy
 import importlib.metadata
+import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -37,18 +43,27 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from densenet_ray.tracking_uri import TrackingError, resolve_tracking_uri, temporary_env
+from densenet_ray.tracking.uri import TrackingError, resolve_tracking_uri, temporary_env
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 ERROR_TAG = "val_top1_err"  # version tag the champion is judged by (lower is better)
+MODEL_URIS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/model]"
+_MODELS = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
+_RUNS = re.compile(r"runs:/(?P<run>[0-9a-zA-Z]+)(?:/(?P<path>.+))?")
 
 
-def log_and_register(client: MlflowClient, uri: str, experiment_id: str, run_id: str,
-                     model: torch.nn.Module, *, registered_name: str, input_example,
-                     val_top1_err: float, extra: dict) -> int:
-    """Log `model` to run `run_id` as pt2, register it as a new version of `registered_name`
-    tagged val_top1_err and `extra`, move `candidate` to it and `champion` too when it beats
-    the champion's val_top1_err. Returns the version number."""
+class PickleRefused(TrackingError):
+    """A model that needs pickle to load, refused without --trust-pickle."""
+
+
+def log_and_register(uri: str, run_id: str, model: torch.nn.Module, *, registered_name: str,
+                     input_example, val_top1_err: float, extra: dict | None = None) -> int:
+    """Log `model` to run `run_id` (in the store at `uri`) as pt2, register it as a new version
+    of `registered_name` tagged val_top1_err and `extra`, move `candidate` to it and `champion`
+    too when it beats the champion's val_top1_err. Returns the version number."""
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    extra = extra or {}
     example = _example(input_example)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
@@ -138,6 +153,80 @@ def load_registered_model(model_uri: str, *, tracking_uri: str | None = None,
         except MlflowException as e:
             if trust_pickle or "pickle" not in e.message:
                 raise
-            raise TrackingError(f"model {model_uri} needs pickle to load, which can run any code "
+            raise PickleRefused(f"model {model_uri} needs pickle to load, which can run any code "
                                 "its author put in it; pass --trust-pickle (trust_pickle=True) "
                                 "only if you trust who logged it") from None
+
+
+def is_model_uri(source: str) -> bool:
+    return source.startswith("models:/") or source.startswith("runs:/")
+
+
+@dataclass
+class Fetched:
+    """A registered or logged model and what its run knows about it."""
+
+    module: torch.nn.Module
+    config: dict                 # the run's config.json
+    index: list | None           # [(wnid, name)] in label order, from class_index.json
+    run_id: str
+    label: str                   # for people: "densenet-digits v1", "run 52a2164e"
+    logged: dict = field(default_factory=dict)  # val_top1_err, val_top5_err
+
+
+def fetch_model(source: str, uri: str, *, trust_pickle: bool = False) -> Fetched:
+    """The model `source` names (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID[/PATH]) from
+    the store at `uri`, with its run's config.json and class_index.json. TrackingError says what
+    is missing and what is registered there."""
+    client = MlflowClient(uri)
+    logged = {}
+    if m := _MODELS.fullmatch(source):
+        name = m["name"]
+        try:
+            version = (client.get_model_version_by_alias(name, m["alias"]) if m["alias"]
+                       else client.get_model_version(name, m["version"]))
+        except MlflowException as e:
+            raise TrackingError(f"{source}: not in the registry at {uri} ({e.message}); registered there: "
+                                f"{_registered(client)}") from None
+        run_id, label = version.run_id, f"{name} v{version.version}"
+        logged = {k: float(version.tags[k]) for k in ("val_top1_err", "val_top5_err") if k in version.tags}
+        model_uri = f"models:/{name}/{version.version}"
+    elif m := _RUNS.fullmatch(source):
+        run_id, label = m["run"], f"run {m['run'][:8]}"
+        model_uri = f"runs:/{run_id}/{m['path'] or 'model'}"
+    else:
+        raise TrackingError(f"MODEL {source!r}: expected {MODEL_URIS}")
+    # First, so that a model needing pickle is refused whatever else is wrong with it.
+    module = load_registered_model(model_uri, tracking_uri=uri, trust_pickle=trust_pickle)
+    if not run_id:
+        raise TrackingError(f"{source}: the model version has no run, so no config.json to rebuild it from")
+    try:
+        run = client.get_run(run_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            config = json.loads(Path(client.download_artifacts(run_id, "config.json", tmp)).read_text())
+            index = _class_index(client, run_id, tmp)
+    except MlflowException as e:
+        raise TrackingError(f"{source}: run {run_id} in {uri} has no config.json ({e.message}); only models "
+                            "trained by densenet_ray.train can be rebuilt") from None
+    if not logged:
+        logged = {k: run.data.metrics[k] for k in ("val_top1_err", "val_top5_err") if k in run.data.metrics}
+    if not isinstance(module, torch.nn.Module):
+        raise TrackingError(f"{source}: loaded a {type(module).__name__}, not a torch module")
+    return Fetched(module, config, index, run_id, label, logged)
+
+
+def _class_index(client, run_id: str, tmp: str) -> list | None:
+    """[(wnid, name)] in label order from the run's class_index.json ({"0": [wnid, name], ...})."""
+    try:
+        doc = json.loads(Path(client.download_artifacts(run_id, "class_index.json", tmp)).read_text())
+    except (MlflowException, OSError):
+        return None
+    return [tuple(doc[str(i)]) for i in range(len(doc))]
+
+
+def _registered(client) -> str:
+    names = []
+    for rm in client.search_registered_models(max_results=20):
+        aliases = ", ".join(f"@{a}" for a in sorted(rm.aliases)) if rm.aliases else "no aliases"
+        names.append(f"{rm.name} ({aliases})")
+    return "; ".join(names) or "nothing"

@@ -1,0 +1,199 @@
+"""A trained model, whatever MODEL names it (the registry, a run or a checkpoint), loaded as a DenseNet
+with its configuration, classes and run; shared by evaluate, predict, analyze and export.
+
+    from densenet_ray.trained import load
+    m = load("models:/densenet-digits@champion")       # or models:/NAME/VERSION
+    m = load("runs:/52a2164.../model")                 # a run's logged model ("runs:/ID" alone too)
+    m = load("~/.densenet_ray/runs/digits-r1")         # a checkpoint: the run folder (newest epoch),
+    m = load("s3://bucket/runs/r1/epoch_0089/state.pt")#   an epoch_NNNN folder, or its state.pt
+    m.net(x)                                           # DenseNet, eval mode, on normalised float NCHW
+    m.config, m.classes, m.run_id, m.logged            # TrainConfig, class names, MLflow run, val errors
+    mean, std, where = normalization(m)                # the training data's, per channel, 0..1 scale
+
+A registered model is a torch.export program without the Python module structure, so the DenseNet
+is rebuilt from the run's `config.json` and loaded from the program's state dict (its parameter and
+buffer names are the module's own; `load_state_dict(strict=True)` checks that every one fits).
+Nothing is unpickled: checkpoints load with torch.load(weights_only=True), registered models through
+tracking.registry; a model that needs pickle is refused unless trust_pickle=True. The formats are
+theirs (checkpoint.py, tracking/registry.py); this module only puts what they give together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from densenet_ray import checkpoint
+from densenet_ray.cli import ModelError
+from densenet_ray.config import TrainConfig, from_dict, to_dict
+from densenet_ray.data import DataError, load_manifest
+from densenet_ray.model import DenseNet, from_config
+from densenet_ray.tracking import registry, results
+from densenet_ray.tracking.uri import TrackingError, resolve_tracking_uri
+
+
+@dataclass
+class Model:
+    """A trained DenseNet and what is known about it: its configuration, classes and MLflow run."""
+
+    net: DenseNet                 # eval mode, on the CPU
+    config: TrainConfig           # the training run's
+    classes: list[str]            # display names in label order
+    wnids: list[str]              # stable class ids in label order
+    source: str                   # the MODEL argument as given
+    name: str                     # for people: "densenet-digits v1", "checkpoint r3 epoch 3"
+    run_id: str | None = None     # the MLflow run that trained it
+    tracking_uri: str | None = None
+    logged: dict = field(default_factory=dict)  # what training logged: val_top1_err, val_top5_err
+
+    @property
+    def channels(self) -> int:
+        return self.net.in_channels
+
+    @property
+    def num_classes(self) -> int:
+        return self.net.classifier.out_features
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size or self.net.input_size
+
+    @property
+    def mode(self) -> str:
+        """The Pillow mode images are converted to: L (grayscale) or RGB."""
+        return "L" if self.channels == 1 else "RGB"
+
+    def spec(self) -> dict:
+        """Everything needed to rebuild the network elsewhere (a Ray actor): plain data and tensors,
+        in the checkpoint's own layout."""
+        return {"config": to_dict(self.config), "model": self.net.state_dict()}
+
+
+def load(source: str, *, tracking_uri: str | None = None, trust_pickle: bool = False) -> Model:
+    """The Model that `source` names (see the module docstring). `tracking_uri` is where models:/
+    and runs:/ live and where a checkpoint's run is looked up (default: the flag's usual
+    resolution, for a checkpoint its run's own --mlflow-tracking-uri first)."""
+    source = str(source)
+    try:
+        if registry.is_model_uri(source):
+            return _from_mlflow(source, tracking_uri, trust_pickle)
+        return _from_checkpoint(source, tracking_uri, trust_pickle)
+    except checkpoint.CheckpointError as e:
+        raise ModelError(f"MODEL {e}") from None
+    except registry.PickleRefused:
+        raise
+    except TrackingError as e:
+        raise ModelError(str(e)) from None
+
+
+def rebuild(state: dict, source: str = "model spec") -> DenseNet:
+    """The eval-mode DenseNet that `state`'s config describes (a checkpoint's state, a Model.spec()),
+    with its weights state["model"]; class and channel counts come from the weights themselves.
+    ModelError, naming `source`, when they do not fit."""
+    weights, cfg = state["model"], from_dict(state["config"])
+    try:
+        num_classes, channels = weights["classifier.weight"].shape[0], weights["features.conv0.weight"].shape[1]
+    except (KeyError, TypeError, AttributeError, IndexError):
+        raise ModelError(f"{source}: its weights are not a densenet_ray DenseNet's (no classifier.weight / "
+                         "features.conv0.weight in the state dict)") from None
+    try:
+        net = from_config(cfg, int(num_classes), int(channels), inference=True)
+        net.load_state_dict(weights)
+    except (RuntimeError, ValueError) as e:
+        raise ModelError(f"{source}: its weights do not fit the architecture in its config (arch={cfg.arch!r}, "
+                         f"depth={cfg.depth}, growth_rate={cfg.growth_rate}): {str(e)[:600]}") from None
+    return net.eval()
+
+
+def class_probabilities(net: torch.nn.Module, images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Softmax outputs (N, classes) for uint8 images (N, H, W, C), or for (N, crops, H, W, C) the
+    average of the crops' softmax outputs (fb.resnet.torch's 10-crop test ranks the crops' summed
+    logits instead; see evaluate). `mean`, `std`: per channel on the 0..1 scale."""
+    device = next(net.parameters()).device
+    crops = images.shape[1] if images.ndim == 5 else 1
+    x = images.to(device).reshape(-1, *images.shape[-3:]).permute(0, 3, 1, 2).float()
+    m = torch.as_tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    s = torch.as_tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    with torch.no_grad():
+        probs = net((x - m) / s).float().softmax(1)
+    return probs.view(len(images), crops, -1).mean(1)
+
+
+def tracking_uri(model: Model) -> str:
+    """The tracking store results of `model` are logged to: the one it came from (models:/, runs:/),
+    else --mlflow-tracking-uri, else its run's own, else $MLFLOW_TRACKING_URI or the embedded store."""
+    return resolve_tracking_uri(model.tracking_uri or model.config.mlflow_tracking_uri)
+
+
+def record(model: Model, **what) -> str:
+    """Log results of `model` (tracking.results.record's metrics, tags, artifacts, artifact_dir) to
+    the run that trained it, else to a new run eval-RUN_NAME in its experiment. Returns the run id."""
+    return results.record(tracking_uri(model), model.run_id, experiment=model.config.experiment,
+                          run_name=model.config.run_name, source=model.source, **what)
+
+
+def _from_mlflow(source: str, tracking_uri: str | None, trust_pickle: bool) -> Model:
+    uri = resolve_tracking_uri(tracking_uri)
+    got = registry.fetch_model(source, uri, trust_pickle=trust_pickle)
+    net = rebuild({"config": got.config, "model": got.module.state_dict()}, source)
+    classes = [c for _, c in got.index] if got.index else [str(i) for i in range(net.classifier.out_features)]
+    wnids = [w for w, _ in got.index] if got.index else classes
+    return Model(net, from_dict(got.config), classes, wnids, source, got.label, got.run_id, uri, got.logged)
+
+
+def _from_checkpoint(source: str, tracking_uri: str | None, trust_pickle: bool) -> Model:
+    state, _ = checkpoint.load(source, trust_pickle=trust_pickle)
+    cfg = from_dict(state["config"])
+    net = rebuild(state, source)
+    classes = list(state.get("classes") or [str(i) for i in range(net.classifier.out_features)])
+    history = state.get("history") or [{}]
+    logged = {k: history[-1][k] for k in ("val_top1_err", "val_top5_err") if k in history[-1]}
+    epoch = state.get("epoch")
+    name = f"checkpoint {cfg.run_name}" + (f" epoch {epoch + 1}" if isinstance(epoch, int) else "")
+    # The run's store is resolved when something is logged (record), not here.
+    return Model(net, cfg, classes, classes, source, name, state.get("run_id"),
+                 tracking_uri or cfg.mlflow_tracking_uri, logged)
+
+
+# --- the data a model meets ----------------------------------------------------------------------
+
+def normalization(model: Model, fallback=None, given=None) -> tuple[tuple, tuple, str]:
+    """(mean, std, where from): those of the Manifest `given` (a --stats DATASET) when there is one;
+    else the training data's, which the weights expect, read from its manifest (the run's config
+    `data`); else those of `fallback` (the data being evaluated, when the training data is not
+    reachable from here)."""
+    if given is not None:
+        if given.channels != model.channels:
+            raise ModelError(f"--stats {given.root}: statistics of {given.channels}-channel images, but "
+                             f"{model.name} takes {model.channels}-channel images")
+        return given.mean, given.std, given.root
+
+    try:
+        m = load_manifest(model.config.data)
+        if m.channels == model.channels:
+            return m.mean, m.std, f"training data {m.root}"
+    except DataError:
+        pass
+    if fallback is not None:
+        return fallback.mean, fallback.std, f"{fallback.root} (the training data {model.config.data} is not readable)"
+    raise ModelError(f"{model.source}: the training data {model.config.data} (config field data) is not readable "
+                     "here, and its mean/std are what the model expects; pass --stats DATASET, a dataset folder "
+                     "with the same statistics (e.g. a copy of the training data)")
+
+
+def check_compatible(model: Model, manifest, split: str | None = None) -> None:
+    """A model evaluated on data with other channels or classes is a mistake, not a low score."""
+    where = f"{manifest.root}/dataset.json"
+    if manifest.channels != model.channels:
+        raise ModelError(f"{where}: field channels is {manifest.channels}, but {model.name} ({model.source}) "
+                         f"takes {model.channels}-channel images; evaluate it on data like its training data "
+                         f"{model.config.data}")
+    if manifest.num_classes != model.num_classes:
+        raise ModelError(f"{where}: field classes lists {manifest.num_classes} classes, but {model.name} "
+                         f"predicts {model.num_classes}; evaluate it on data with its classes")
+    differ = [i for i, (a, b) in enumerate(zip(manifest.classes, model.classes)) if a != b]
+    if differ:
+        i = differ[0]
+        raise ModelError(f"{where}: field classes[{i}] is {manifest.classes[i]!r}, but label {i} of {model.name} "
+                         f"is {model.classes[i]!r} ({len(differ)} labels differ); labels would mean other classes")

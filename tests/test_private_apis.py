@@ -1,0 +1,48 @@
+"""The private or semi-public Ray and MLflow APIs densenet_ray relies on, imported and probed in one
+place, so that an upgrade that moves one fails here, loudly, instead of deep inside a training run."""
+
+import inspect
+
+from ray.train import DataConfig
+
+
+def test_ray_autoscaler_limit_used_to_size_the_cluster():  # runtime.cluster_cpus
+    from ray._private.state import state
+
+    assert callable(state.get_max_resources_from_cluster_config)
+
+
+def test_ray_train_data_config_internals_used_for_unequal_shares():  # data.pipeline._Shares
+    config = DataConfig()
+    assert hasattr(config, "_enable_shard_locality")
+    assert callable(config._resolve_execution_options)
+    assert {"datasets", "world_size", "worker_handles", "worker_node_ids"} <= set(
+        inspect.signature(DataConfig.configure).parameters)
+
+
+def test_ray_data_read_task_and_block_metadata():  # data.pipeline.RowGroups
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import ReadTask
+
+    assert {"num_rows", "size_bytes", "exec_stats", "input_files"} <= set(inspect.signature(BlockMetadata).parameters)
+    assert list(inspect.signature(ReadTask).parameters)[:2] == ["read_fn", "metadata"]
+    assert "per_task_row_limit" in inspect.signature(ReadTask).parameters
+
+
+def test_ray_tune_report_callback_for_train_v2():  # tune.run_trial
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    assert callable(TuneReportCallback)
+
+
+def test_mlflow_global_tracking_uri_helper():  # tracking.registry._global_tracking_uri
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    assert inspect.isfunction(_use_tracking_uri) or callable(_use_tracking_uri)
+
+
+def test_mlflow_system_metrics_monitor():  # tracking.runlog.RunLogger
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    assert {"run_id", "resume_logging", "tracking_uri"} <= set(inspect.signature(SystemMetricsMonitor).parameters)
+    assert callable(SystemMetricsMonitor.start) and callable(SystemMetricsMonitor.finish)
