@@ -20,6 +20,7 @@ from scipy.io import savemat
 from sklearn.datasets import load_sample_images
 
 from densenet_ray import data
+from densenet_ray.data import sources
 from densenet_ray.data.__main__ import main
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -294,6 +295,81 @@ def test_digits(tmp_path):
     assert m.channels == 1 and m.num_classes == 10 and m.splits["train"].image_size == (8, 8)
     assert m.splits["train"].rows == 1437 and m.splits["val"].rows == 360
     assert run("verify", out, "--sample", "50") == 0
+
+
+def grey_tree(root, extra=None):
+    """An imagefolder tree of grayscale files in each grey mode Pillow opens (8-bit JPEG and PNG,
+    16-bit PNG, 1-bit PNG, grey + alpha PNG), plus `extra` {name: bytes} in train/b.
+    Returns {key: the 8-bit grey pixels each must be stored as}."""
+    g = [np.asarray(p.convert("L")) for p in photos(7, size=(40, 30), seed=11)]
+    files = {"train/a/0.JPEG": (encode(Image.fromarray(g[0]), quality=90), None),
+             "train/a/1.png": (encode(Image.fromarray(g[1]), "PNG"), g[1]),
+             "train/a/2.png": (encode(Image.fromarray(g[2].astype(np.uint16) * 257), "PNG"), g[2]),   # I;16
+             "train/b/3.png": (encode(Image.fromarray(g[3]).convert("1"), "PNG"), None),
+             "train/b/4.png": (encode(Image.fromarray(np.dstack([g[4], g[4] // 2]), "LA"), "PNG"), g[4]),
+             "val/a/5.JPEG": (encode(Image.fromarray(g[5]), quality=90), None),
+             "val/b/6.png": (encode(Image.fromarray(g[6]), "PNG"), g[6])}
+    assert [Image.open(io.BytesIO(b)).mode for b, _ in files.values()] == ["L", "L", "I;16", "1", "LA", "L", "L"]
+    files |= {f"train/b/{name}": (b, None) for name, b in (extra or {}).items()}
+    for key, (b, _) in files.items():
+        os.makedirs((root / key).parent, exist_ok=True)
+        (root / key).write_bytes(b)
+    return {k: np.asarray(decoded(b).convert("L")) if want is None else want for k, (b, want) in files.items()}
+
+
+def test_grayscale_imagefolder_stays_one_channel(tmp_path):
+    want = grey_tree(tmp_path / "src")
+    out = tmp_path / "ds"
+    assert run("convert", "imagefolder", tmp_path / "src", out) == 0
+    m = data.load_manifest(out)
+    assert m.channels == 1 and len(m.mean) == len(m.std) == 1
+    rows = {**read_rows(out, "train"), **read_rows(out, "val")}
+    assert sorted(rows) == sorted(want)
+    for key, pixels in want.items():
+        img = decoded(rows[key][0])
+        assert img.mode == "L" and np.array_equal(np.asarray(img), pixels), key
+    for key in ("train/a/0.JPEG", "train/a/1.png", "val/a/5.JPEG", "val/b/6.png"):   # 8-bit grey: kept as is
+        assert rows[key][0] == (tmp_path / "src" / key).read_bytes(), key
+    assert m.created["counts"]["train"]["converted"] == 3   # 16-bit, 1-bit, grey + alpha
+    assert run("verify", out) == 0
+
+
+def extra_image(kind):
+    """One more file for grey_tree: a colour JPEG, or a PNG in palette mode with a grey palette."""
+    img = photos(1, size=(40, 30), seed=12)[0]
+    if kind == "colour":
+        return {"colour.JPEG": encode(img)}
+    pal = img.convert("L").convert("P")
+    assert pal.mode == "P" and Image.open(io.BytesIO(encode(pal, "PNG"))).mode == "P"
+    return {"palette.png": encode(pal, "PNG")}
+
+
+@pytest.mark.parametrize("extra, argv, channels", [
+    ("colour", [], 3),                   # one colour image among grey ones
+    ("palette", [], 3),                  # palette images count as colour, even with a grey palette
+    (None, ["--channels", "3"], 3),      # forced, all grey
+    ("colour", ["--channels", "1"], 1),  # forced, some colour
+])
+def test_channels_of_mixed_or_forced_imagefolder(tmp_path, capsys, extra, argv, channels):
+    extra = extra_image(extra) if extra else {}
+    grey_tree(tmp_path / "src", extra)
+    out = tmp_path / "ds"
+    assert run("convert", "imagefolder", tmp_path / "src", out, *argv) == 0
+    assert f"({channels} channel" in capsys.readouterr().out
+    m = data.load_manifest(out)
+    assert m.channels == channels and len(m.mean) == channels
+    rows = {**read_rows(out, "train"), **read_rows(out, "val")}
+    assert len(rows) == 7 + len(extra)
+    assert {decoded(b).mode for b, _ in rows.values()} == {"L" if channels == 1 else "RGB"}
+    assert run("verify", out) == 0
+
+
+def test_channels_must_be_auto_1_or_3(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run("convert", "imagefolder", tmp_path, tmp_path / "ds", "--channels", "2")
+    assert "invalid choice: '2'" in capsys.readouterr().err
+    with pytest.raises(data.DataError, match="channels 2: expected 'auto', 1 or 3"):
+        sources.imagefolder(tmp_path, channels=2)
 
 
 @pytest.mark.parametrize("break_it, message", [

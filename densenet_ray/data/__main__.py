@@ -1,7 +1,7 @@
 """The data CLI: turn datasets into shards, check them, look at them.
 
     python -m densenet_ray.data convert imagenet /datasets/ILSVRC2012 s3://bucket/imagenet --max-side 512
-    python -m densenet_ray.data convert imagefolder /datasets/flowers /data/flowers
+    python -m densenet_ray.data convert imagefolder /datasets/flowers /data/flowers [--channels auto|1|3]
     python -m densenet_ray.data convert cifar10 cifar-10-python.tar.gz /data/cifar10 --holdout 5000
     python -m densenet_ray.data convert svhn /datasets/svhn /data/svhn --holdout 6000
     python -m densenet_ray.data convert digits /tmp/digits
@@ -25,7 +25,8 @@ from .write import SHARD_MB, convert
 READERS = {
     "imagefolder": ("SRC/<split>/<class>/<image>: one folder per split (train/, val/, ...), each with "
                     "one folder per class; also the ILSVRC2012 train layout",
-                    lambda a: sources.imagefolder(a.src, a.splits.split(",") if a.splits else None)),
+                    lambda a: sources.imagefolder(a.src, a.splits.split(",") if a.splits else None,
+                                                  a.channels if a.channels == "auto" else int(a.channels))),
     "imagenet": ("ILSVRC2012 as distributed: train/<wnid>/*.JPEG, flat val/ labelled by LOC_val_solution.csv "
                  "or ILSVRC2012_validation_ground_truth.txt + ILSVRC2012_devkit_t12/data/meta.mat in SRC",
                  lambda a: sources.imagenet(a.src)),
@@ -53,6 +54,10 @@ def parser():
         k.add_argument("out", help="the dataset folder to write: a local path or URI (file://, s3://)")
         if kind == "imagefolder":
             k.add_argument("--splits", help="comma-separated split folders to convert (default: all)")
+            k.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
+                           help="store grayscale (1) or RGB (3); auto: 1 when every image is grayscale "
+                                "(Pillow modes 1, L, LA, I;16, I, F; palette images count as colour), "
+                                "else 3 (default %(default)s)")
         k.add_argument("--shard-mb", type=float, default=SHARD_MB, help="target shard size in MiB (default %(default)s)")
         k.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds N pixels, keeping aspect")
         k.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default %(default)s)")
@@ -100,7 +105,8 @@ def _convert(args, argv):
     for split, s in summary.items():
         print(f"{split:<8}{s['written']:>10,}{s['converted']:>11,}{s['rejected']:>10,}{s['shards']:>8}")
     rejected = sum(s["rejected"] for s in summary.values())
-    print(f"wrote {args.out}" + (f"; rejected files and reasons: {os.path.join(args.out, REJECTS)}" if rejected else ""))
+    print(f"wrote {args.out} ({'1 channel, grayscale' if source.channels == 1 else '3 channels, RGB'})"
+          + (f"; rejected files and reasons: {os.path.join(args.out, REJECTS)}" if rejected else ""))
     return 1 if rejected and args.strict else 0
 
 

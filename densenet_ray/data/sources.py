@@ -1,7 +1,7 @@
 """Readers for the datasets people have: each returns a Source listing (key, label, payload) per split.
 
     src = imagenet("/datasets/ILSVRC2012")      # train/n01440764/*.JPEG, val/*.JPEG + label files
-    src = imagefolder("/datasets/flowers")      # SPLIT/CLASS/*.jpg
+    src = imagefolder("/datasets/flowers")      # SPLIT/CLASS/*.jpg; channels: 1 if every image is grey, else 3
     src = cifar("cifar-10-python.tar.gz", 10); src = svhn("/datasets/svhn"); src = digits()
 
 A payload is a local file path (read inside the conversion task, so I/O scales with the cluster)
@@ -13,12 +13,18 @@ import csv
 import os
 import pickle
 import tarfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from .manifest import DataError
+
+# Pillow modes of one grey band, with or without alpha: 1-bit, 8-bit, 16-bit, 32-bit int, float.
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 class Item(NamedTuple):
@@ -36,8 +42,12 @@ class Source:
     channels: int = 3
 
 
-def imagefolder(src, splits=None):
-    """SRC/<split>/<class>/<file>: every split's classes must be among train's (labels = sorted train)."""
+def imagefolder(src, splits=None, channels="auto"):
+    """SRC/<split>/<class>/<file>: every split's classes must be among train's (labels = sorted train).
+    channels: 1 (grayscale) or 3 (RGB) to convert every image to, or "auto": 1 when every image of
+    the splits read is grayscale (a mode in GREY_MODES), else 3; see grey_only."""
+    if channels not in ("auto", 1, 3):
+        raise DataError(f"channels {channels!r}: expected 'auto', 1 or 3")
     src = _dir(src)
     names = splits or sorted(d for d in os.listdir(src) if _visible(d) and os.path.isdir(os.path.join(src, d)))
     if "train" not in names:
@@ -54,7 +64,43 @@ def imagefolder(src, splits=None):
                                 f"in train/; every split's classes must be train's ({len(wnids)} classes)")
             items += [Item(k, index[w], os.path.join(src, k)) for k in _files(src, os.path.join(split, w))]
         out[split] = items
-    return Source("imagefolder", wnids, list(wnids), out)
+    if channels == "auto":
+        channels = 1 if grey_only([it.payload for items in out.values() for it in items]) else 3
+    return Source("imagefolder", wnids, list(wnids), out, channels=channels)
+
+
+def grey_only(paths, threads=16, chunk=256):
+    """True when every image file among `paths` is grayscale, False at the first that is not.
+
+    Runs on the driver before any conversion task starts, since the tasks must know the mode they
+    convert to, and deciding there instead would mean rewriting the shards of a mixed dataset.
+    It reads only headers (Pillow's Image.open does not decode pixels), in a thread pool, and in a
+    seeded random order, so a colour dataset stops after its first few files whatever the order of
+    its classes; only an all-grey dataset is read through. Palette images ("P") count as colour even
+    with a grey palette: Pillow's getpalette() decodes the whole image, a header's raw palette is
+    format-specific, and a wrong "grey" would drop colour where a wrong "colour" only costs space
+    (pass --channels 1 for those). Files Pillow cannot open are skipped here; the conversion
+    rejects them, with the reason.
+    """
+    order = np.random.default_rng(0).permutation(len(paths))
+    seen = False
+    with warnings.catch_warnings(), ThreadPoolExecutor(threads) as pool:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # rejected later, with the reason
+        for start in range(0, len(paths), chunk):
+            for mode in pool.map(_mode, [paths[i] for i in order[start:start + chunk]]):
+                if mode is not None and mode not in GREY_MODES:
+                    return False
+                seen = seen or mode is not None
+    return seen
+
+
+def _mode(path):
+    """Pillow's mode of the image file at `path`, from its header; None if it does not open."""
+    try:
+        with Image.open(path) as img:
+            return img.mode
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        return None
 
 
 def imagenet(src):
