@@ -54,6 +54,12 @@ def newest(run_dir: str) -> str | None:
     return storage.uri_of(found, like=str(run_dir)) if found else None
 
 
+def next_epoch(run_dir: str) -> int:
+    """The epoch a run resumes with: one past its newest checkpoint's (from the folder name), else 0."""
+    found = newest(run_dir)
+    return int(posixpath.basename(posixpath.dirname(found)).split("_")[1]) + 1 if found else 0
+
+
 def _newest_file(fs, path: str) -> str | None:
     folders = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     epochs = sorted(i.base_name for i in folders if i.type == pafs.FileType.Directory and _EPOCH.fullmatch(i.base_name))

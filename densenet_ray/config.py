@@ -24,6 +24,11 @@ from dataclasses import dataclass, field, fields
 HOME = os.path.expanduser(os.environ.get("DENSENET_RAY_HOME", "~/.densenet_ray"))
 PRECISIONS = ("fp32", "bf16", "fp16")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
+SELECTIONS = ("last", "best")
+ORDERS = ("rows", "row_groups")
+NORMALIZATIONS = ("mean_std", "unit")
+MIN_BN_BATCH = 16  # images per worker below which BatchNorm's batch statistics get noisy
+_BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
 # (classes, channels) of the datasets the presets are for: what `tune --dry-run` sizes models with
 # before the data exists. "custom": a dataset of your own (imagefolder), sized from its manifest.
 DATASETS = {"imagenet": (1000, 3), "cifar10": (10, 3), "cifar100": (100, 3), "svhn": (10, 3), "digits": (10, 1),
@@ -44,10 +49,15 @@ class TrainConfig:
     dataset: str = _f("imagenet", "what --data holds: " + ", ".join(DATASETS) + " (digits converts itself on first use)")
     # data: a dataset folder made by `python -m densenet_ray.data convert ...`
     data: str = _f(os.path.join(HOME, "data", "imagenet"), "dataset folder or URI (s3://, file://)")
-    train_split: str = _f("train", "split to train on; 'a+b' joins splits")
-    val_split: str = _f("val", "split evaluated after every epoch")
-    train_transform: str = _f("imagenet_train", "imagenet_train, cifar_train or none")
+    train_split: str = _f("train", "split to train on; 'a+b' joins splits (mixed, not concatenated)")
+    val_split: str | None = _f("val", "split evaluated after every epoch; it chooses (ASHA, --select best, the "
+                               "champion); none: no validation (a final run on train+val)")
+    test_split: str | None = _f(None, "split evaluated once, at the end, logged as test_*; never used to choose")
+    select: str = _f("last", "the epoch a run registers: last, or best (lowest val_top1_err, the paper's SVHN protocol)")
+    train_transform: str = _f("imagenet_train", "imagenet_train (the paper's), imagenet_train_crop_flip, cifar_train or none")
     eval_transform: str = _f("imagenet_eval", "imagenet_eval or none")
+    normalize: str = _f("mean_std", "input scaling: mean_std (per channel, the training data's) or unit (pixels / 255 "
+                        "only, the paper's SVHN)")
     image_size: int | None = _f(224, "pixels, the side the transforms produce; None: as stored")
     num_classes: int | None = _f(None, "None: from the dataset manifest; otherwise must match it")
     # model: an arch name (densenet121, densenet_bc100_k12, ...); the fields below override it
@@ -75,15 +85,19 @@ class TrainConfig:
     precision: str = _f("fp32", "fp32, bf16 or fp16 autocast (fp16 with a gradient scaler)")
     channels_last: bool = _f(False, "NHWC memory format (faster convolutions with AMP on GPUs)")
     compile: bool = _f(False, "torch.compile the model")
-    shuffle_buffer: int = _f(1024, "rows in each worker's local shuffle buffer")
-    seed: int = _f(0, "initial weights and per-epoch dropout")
+    shuffle: str = _f("rows", "train order, new every epoch from (seed, epoch): rows (a full permutation of the "
+                      "split's rows) or row_groups (row groups in random order + the local buffer: streams, no "
+                      "per-epoch barrier, but rows stored together stay near each other)")
+    shuffle_buffer: int = _f(0, "rows in each worker's local shuffle buffer (seeded); 0: none")
+    sync_bn: bool = _f(False, "SyncBatchNorm: batch statistics over every worker's images (for small per-worker batches)")
+    seed: int = _f(0, "initial weights, the data order of every epoch, per-epoch dropout")
     # storage and tracking
     storage: str = _f(os.path.join(HOME, "runs"), "checkpoints; shared (s3://, NFS) on multi-node clusters")
     run_name: str | None = _f(None, "None: PRESET-ARCH-TIMESTAMP; the same name and storage resume a run")
     max_failures: int = _f(2, "worker/node failures survived, each resuming from the last checkpoint")
     mlflow_tracking_uri: str | None = _f(None, "None: $MLFLOW_TRACKING_URI, else the embedded SQLite store")
     experiment: str = _f("densenet_ray", "MLflow experiment")
-    registered_model: str | None = _f(None, "None: densenet-PRESET")
+    registered_model: str | None = _f(None, "None: densenet-DATASET, after the dataset's name in its manifest")
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -119,8 +133,6 @@ class TrainConfig:
         cfg = self
         if not cfg.run_name:
             cfg = cfg.replace(run_name=f"{cfg.preset}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if not cfg.registered_model:
-            cfg = cfg.replace(registered_model=f"densenet-{cfg.preset}")
         cfg.validate()
         return cfg
 
@@ -156,6 +168,17 @@ class TrainConfig:
         need(self.shuffle_buffer >= 0, "shuffle_buffer", "0 or more rows")
         need(bool(self.run_name) and "/" not in self.run_name, "run_name", "a name without '/'")
         need(self.dataset in DATASETS, "dataset", " or ".join(DATASETS))
+        need(self.select in SELECTIONS, "select", " or ".join(SELECTIONS))
+        need(self.select == "last" or self.val_split is not None, "select",
+             "last when there is no --val-split: best needs validation to choose")
+        need(self.shuffle in ORDERS, "shuffle", " or ".join(ORDERS))
+        need(self.normalize in NORMALIZATIONS, "normalize", " or ".join(NORMALIZATIONS))
+        need(not self.sync_bn or self.gpus_per_worker > 0, "sync_bn",
+             "false on CPU workers: torch's SyncBatchNorm runs on GPUs only")
+        need(not (self.sync_bn and self.memory_efficient), "sync_bn",
+             "false with --memory-efficient (its BN-ReLU-Conv chains use plain BatchNorm statistics)")
+        need(self.test_split is None or self.test_split not in (self.val_split, self.train_split), "test_split",
+             "a split of its own, neither --train-split nor --val-split")
         if problems:
             raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
 
@@ -164,9 +187,11 @@ _BASE = TrainConfig()
 PRESETS: dict[str, TrainConfig] = {
     # Table 1 / Table 3: DenseNet-BC-121 on ILSVRC2012, 90 epochs, batch 256, lr /10 at 30 and 60.
     "imagenet": _BASE,
-    # C10+/C100+: standard augmentation, 300 epochs, batch 64, lr /10 at 50% and 75%.
+    # C10+/C100+: standard augmentation, 300 epochs, batch 64, lr /10 at 50% and 75%. Validation on the
+    # 5,000 training images `convert --holdout 5000` sets aside; test once at the end. Table 2's figures
+    # come from the final run on all 50,000: --train-split train+val --val-split none.
     "cifar10": _BASE.replace(
-        preset="cifar10", dataset="cifar10", data=os.path.join(HOME, "data", "cifar10"), val_split="test",
+        preset="cifar10", dataset="cifar10", data=os.path.join(HOME, "data", "cifar10"), test_split="test",
         train_transform="cifar_train", eval_transform="none", image_size=32, arch="densenet_bc100_k12",
         epochs=300, batch_size=64, reference_batch=64, lr_milestones=(0.5, 0.75)),
 }
@@ -175,12 +200,14 @@ PRESETS["cifar100"] = PRESETS["cifar10"].replace(preset="cifar100", dataset="cif
 PRESETS["cifar10_noaug"] = PRESETS["cifar10"].replace(preset="cifar10_noaug", train_transform="none", drop_rate=0.2)
 PRESETS["cifar100_noaug"] = PRESETS["cifar100"].replace(preset="cifar100_noaug", train_transform="none",
                                                         drop_rate=0.2)
-# SVHN: train+extra, no augmentation, dropout 0.2, 40 epochs.
+# SVHN: train+extra less the 6,000 held out (`convert --holdout 6000`), no augmentation beyond /255,
+# dropout 0.2, 40 epochs; the epoch with the lowest validation error is registered and tested.
 PRESETS["svhn"] = PRESETS["cifar10_noaug"].replace(preset="svhn", dataset="svhn", data=os.path.join(HOME, "data", "svhn"),
-                                                   train_split="train+extra", epochs=40)
+                                                   train_split="train+extra", epochs=40, select="best",
+                                                   normalize="unit")
 # The offline demo: scikit-learn's 1,797 real 8x8 digits, upsampled to 16x16, minutes on a laptop CPU.
 PRESETS["digits"] = PRESETS["cifar10"].replace(
-    preset="digits", dataset="digits", data=os.path.join(HOME, "data", "digits"), val_split="val", train_transform="none",
+    preset="digits", dataset="digits", data=os.path.join(HOME, "data", "digits"), test_split=None, train_transform="none",
     image_size=16, arch="densenet_bc22_k12", epochs=15, batch_size=64, reference_batch=64,
     lr=0.1, max_failures=1)
 
@@ -287,19 +314,43 @@ def parser(preset: TrainConfig = _BASE, prog: str = "python -m densenet_ray.trai
 
 
 def from_args(argv: list[str]) -> TrainConfig:
-    """The resolved config for `PRESET [--field value ...]`; argparse errors exit with a message."""
-    preset_name = next((a for a in argv if not a.startswith("-")), None)
+    """The resolved config for `PRESET [--field value ...]`, the preset anywhere among the flags;
+    argparse errors exit with a message."""
+    preset_name, rest = _preset_among(argv)
     if preset_name is not None and preset_name not in PRESETS:
         close = difflib.get_close_matches(preset_name, PRESETS, 1)
         parser().error(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}"
                        + (f" (did you mean {close[0]!r}?)" if close else ""))
     preset = PRESETS.get(preset_name, _BASE)
-    args = vars(parser(preset).parse_args(argv))
+    args = vars(parser(preset).parse_args(([preset_name] if preset_name else []) + rest))
     cfg = preset.replace(**{k: v for k, v in args.items() if k != "preset"})
     try:
         return cfg.resolved()
     except ValueError as err:
         parser(preset).error(str(err))
+
+
+def _preset_among(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the first word that is no flag's value, the other arguments): `--workers 4 cifar10` and
+    `--channels-last cifar10` name the preset cifar10 (a BOOL flag takes the next word only when
+    it is true/false/yes/no/on/off/1/0)."""
+    takes = {f"--{f.name.replace('_', '-')}": field_type(f.name)[0] is not bool for f in fields(TrainConfig)}
+    preset, rest, i = None, [], 0
+    while i < len(argv):
+        word = argv[i]
+        if word.startswith("-") and word != "-":
+            rest.append(word)
+            flag, has_value = word.split("=", 1)[0], "=" in word
+            if not has_value and i + 1 < len(argv) and flag in takes and (
+                    takes[flag] or argv[i + 1].strip().lower() in _BOOL_WORDS):
+                rest.append(argv[i + 1])
+                i += 1
+        elif preset is None:
+            preset = word
+        else:
+            rest.append(word)  # a second positional: argparse names it
+        i += 1
+    return preset, rest
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -57,13 +57,21 @@ class Scorer:
                 "top5": np.array([int(hits.any(1).sum())]), "nll": np.array([float(nll)])}
 
 
+def default_split(model: trained.Model) -> str:
+    """The run's validation split, else its test split (a final run on train+val)."""
+    split = model.config.val_split or model.config.test_split
+    if not split:
+        raise trained.ModelError(f"{model.name} was trained without a validation or test split: name one with --split")
+    return split
+
+
 def evaluate(model: trained.Model, root: str | None = None, split: str | None = None, *, ten_crop: bool = False,
              actors: int | None = None, batch_size: int = 64) -> dict[str, dict]:
     """{"single": metrics, "tencrop": metrics (when ten_crop)} for `model` on `split` (default: the
     run's validation split) of the dataset at `root` (default: the training data); metrics are
     top1_err, top5_err, loss, images and skipped (rows that failed to decode). Needs Ray."""
     root = root or model.config.data
-    split = split or model.config.val_split
+    split = split or default_split(model)
     manifest = data.load_manifest(root)
     trained.check_compatible(model, manifest)
     rows = manifest.split(split).rows
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--batch-size and --actors: expected positive integers")
     try:
         model = trained.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
-        root, split = args.data or model.config.data, args.split or model.config.val_split
+        root, split = args.data or model.config.data, args.split or default_split(model)
         if not args.no_log:
             check_tracking(trained.tracking_uri(model))  # seconds now, rather than a lost result later
         runtime.connect(cpus=2)

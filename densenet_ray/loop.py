@@ -3,9 +3,14 @@
     TorchTrainer(train_loop, train_loop_config={"cfg": to_dict(cfg), "meta": {...}}, ...)
 
 Each epoch: train on this worker's share of the train split (DDP keeps the replicas equal), evaluate
-on its share of the validation split, sum the counts across workers (exact: every validation image
-once), then `ray.train.report` the same metrics dict everywhere with rank 0's checkpoint. Every side
-effect (checkpoint files, MLflow, the console line) happens in `Publisher`, on rank 0 only.
+on its share of the validation split (when there is one), sum the counts across workers (exact: every
+validation image once), then `ray.train.report` the same metrics dict everywhere with rank 0's
+checkpoint. After the last epoch the selected weights (--select last, or best: the lowest validation
+error) are evaluated once on the test split, if any, and registered. Every side effect (checkpoint
+files, MLflow, the console line) happens in `Publisher`, on rank 0 only.
+
+Evaluation runs in fp32 whatever --precision trains in, as `densenet_ray.evaluate` does, so the
+logged errors and evaluate's agree.
 
 `train_one_epoch` and `evaluate` take anything with Ray Data's `iter_torch_batches` (the tests drive
 them with an in-memory stand-in, without Ray).
@@ -49,6 +54,8 @@ def train_loop(config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker (DDP also broadcasts them)
     net = from_config(cfg, meta["num_classes"], meta["channels"])
+    if cfg.sync_bn and world > 1:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(net)  # to the device, wrapped in DDP when world > 1
@@ -57,15 +64,14 @@ def train_loop(config: dict) -> None:
                                 dampening=0.0, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
-    start_epoch, history, example = 0, [], None
+    start_epoch, history, example, best = 0, [], None, None
     if saved := ray.train.get_checkpoint():
         with saved.as_directory() as folder:
             state, _ = checkpoint.load(folder)
         check_resumable(state, cfg, meta)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        restore(state, cfg, net, optimizer, scaler)
         start_epoch, history, example = state["epoch"] + 1, state["history"], state.get("example")
+        best = state.get("best")
 
     publisher = Publisher(cfg, meta, history, start_epoch, world, device) if rank == 0 else None
     train_step = torch.compile(model) if cfg.compile else model
@@ -73,7 +79,7 @@ def train_loop(config: dict) -> None:
     prepare = Prepare(meta["mean"], meta["std"], cfg.channels_last, device)
 
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    val_shard = ray.train.get_dataset_shard("val") if cfg.val_split else None
     steps_per_epoch = meta["train_rows"] // cfg.batch_size
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
@@ -86,28 +92,35 @@ def train_loop(config: dict) -> None:
             # last step left every worker its own: validate the model rank 0 checkpoints and registers.
             for buffer in net.buffers():
                 dist.broadcast(buffer, 0)
-        val_counts, example = evaluate(evaluate_fn, val_shard, prepare, cfg, device)
-        example = train_example if example is None else example  # this worker's val share may be empty
+        val_counts, val_example = evaluate(evaluate_fn, val_shard, prepare, device) if val_shard else ({}, None)
+        example = val_example if val_example is not None else example if example is not None else train_example
         sums = summed({**{f"train_{k}": v for k, v in train_counts.items()},
                        **{f"val_{k}": v for k, v in val_counts.items()},
                        "data_wait_s": data_wait, "train_s": train_s}, device)
         metrics = epoch_metrics(sums, world, epoch, optimizer.param_groups[0]["lr"], time.perf_counter() - t0)
         # Rows that failed to decode (shards not made by our converter), since this job started.
-        metrics["skipped_rows"] = sum(data.skipped_rows(cfg.data, s) for s in (cfg.train_split, cfg.val_split))
+        metrics["skipped_rows"] = sum(data.skipped_rows(cfg.data, s) for s in (cfg.train_split, cfg.val_split) if s)
         history = history + [metrics]
+        best = better(best, metrics, net)
         if publisher:
             publisher.epoch_end(metrics, {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "history": history, "config": to_dict(cfg), "classes": list(meta["classes"]),
                 "mean": meta["mean"], "std": meta["std"], "run_id": meta["run_id"],
                 "example": example,  # two normalised inputs: the signature of a model registered later
+                "best": best,        # the epoch with the lowest val_top1_err so far, and its weights
                 # Informational: every epoch reseeds from (seed, epoch, rank), so epoch and seed restore it.
                 "rng": {"torch": torch.get_rng_state()}})
         else:
             ray.train.report(metrics)
 
+    selected = select(cfg, history, best, net)
+    test = None
+    if cfg.test_split and selected is not None:
+        counts, _ = evaluate(net, ray.train.get_dataset_shard("test"), prepare, device)
+        test = held_out_metrics(summed(counts, device), cfg.test_split)
     if publisher:
-        publisher.finish(net, example)
+        publisher.finish(net, example, selected, test)
 
 
 class Prepare:
@@ -124,6 +137,41 @@ class Prepare:
         x = images.to(self.mean.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = (x - self.mean) / self.std
         return x if self.channels_last else x.contiguous()
+
+
+def restore(state: dict, cfg: TrainConfig, net, optimizer, scaler) -> None:
+    """A checkpoint's weights and optimizer into this run. The gradient scaler's state only when the
+    checkpoint trained in the same precision (fp16's scale means nothing to bf16 or fp32, and an
+    enabled scaler cannot load a disabled one's empty state): another --precision resumes with a
+    fresh scaler."""
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    saved = state["config"].get("precision", "fp32")
+    if saved == cfg.precision:
+        scaler.load_state_dict(state["scaler"])
+    else:
+        log.info(f"[densenet_ray] resuming in {cfg.precision} a checkpoint trained in {saved}: a fresh gradient "
+                 "scaler")
+
+
+def better(best: dict | None, metrics: dict, net) -> dict | None:
+    """{"epoch", "val_top1_err", "model" (a CPU copy)} of the lowest validation error so far."""
+    err = metrics.get("val_top1_err")
+    if err is None or (best is not None and best["val_top1_err"] <= err):
+        return best
+    return {"epoch": metrics["epoch"], "val_top1_err": err,
+            "model": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}}
+
+
+def select(cfg: TrainConfig, history: list[dict], best: dict | None, net) -> dict | None:
+    """The epoch whose weights the run registers and tests: the last, or the best (its weights loaded
+    into `net`); None when no epoch ran."""
+    if not history:
+        return None
+    if cfg.select == "best" and best is not None:
+        net.load_state_dict(best["model"])
+        return next(m for m in history if m["epoch"] == best["epoch"])
+    return history[-1]
 
 
 def train_one_epoch(model, optimizer, scaler, shard, prepare: Prepare, cfg: TrainConfig, epoch: int, steps: int,
@@ -153,25 +201,26 @@ def train_one_epoch(model, optimizer, scaler, shard, prepare: Prepare, cfg: Trai
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        _add(counts, loss.detach().double() * len(y), logits.detach(), y)
+        _add(counts, loss.detach().double() * len(y), logits.detach().float(), y)
         step += 1
     return counts, data_wait, example
 
 
 @torch.no_grad()
-def evaluate(model, shard, prepare: Prepare, cfg: TrainConfig, device) -> tuple[dict[str, torch.Tensor],
-                                                                               torch.Tensor | None]:
-    """COUNTS over this worker's validation share, and two of its normalised images (the
+def evaluate(model, shard, prepare: Prepare, device, batch_size: int = 256) -> tuple[dict[str, torch.Tensor],
+                                                                                    torch.Tensor | None]:
+    """COUNTS over this worker's share of an evaluation split, in fp32 (whatever the training
+    precision, so that ranks and losses are evaluate's), and two of its normalised images (the
     registered model's input example; None for an empty share). The shares differ in size, so no
     collective runs per batch: the caller sums once."""
     model.eval()
     counts, example = _counts(device), None
-    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size // cfg.workers, prefetch_batches=2):
+    for batch in shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2):
         x, y = prepare(batch["image"]), batch["label"].to(device, non_blocking=True)
         example = x[:2].cpu() if example is None else example
-        with torch.autocast(device.type, dtype=_AMP.get(cfg.precision), enabled=cfg.precision in _AMP):
-            logits = model(x)
-        _add(counts, F.cross_entropy(logits.float(), y, reduction="sum").double(), logits, y)
+        with torch.autocast(device.type, enabled=False):
+            logits = model(x).float()
+        _add(counts, F.cross_entropy(logits, y, reduction="sum").double(), logits, y)
     return counts, example
 
 
@@ -205,17 +254,31 @@ def summed(values: dict[str, torch.Tensor | float], device) -> dict[str, float]:
 
 
 def epoch_metrics(sums: dict[str, float], world: int, epoch: int, lr: float, epoch_s: float) -> dict:
-    """The one metrics dict of an epoch from the workers' summed COUNTS (train_*, val_*),
-    data_wait_s and train_s: console line, ray.train.report and MLflow use these keys."""
-    n, vn = sums["train_images"], sums["val_images"]
+    """The one metrics dict of an epoch from the workers' summed COUNTS (train_*, and val_* when
+    there is validation), data_wait_s and train_s: console line, ray.train.report and MLflow use
+    these keys."""
+    n, vn = sums["train_images"], sums.get("val_images")
     if n == 0 or vn == 0:
         raise RuntimeError(f"epoch {epoch}: no {'training' if n == 0 else 'validation'} images reached the "
                            f"workers; is the split empty or smaller than one batch per worker?")
-    return {"epoch": epoch, "train_loss": sums["train_loss"] / n, "train_top1_err": 1 - sums["train_top1"] / n,
-            "train_top5_err": 1 - sums["train_top5"] / n, "val_loss": sums["val_loss"] / vn,
-            "val_top1_err": 1 - sums["val_top1"] / vn, "val_top5_err": 1 - sums["val_top5"] / vn, "lr": lr,
-            "images_per_s": n / (sums["train_s"] / world), "data_wait_s": sums["data_wait_s"] / world,
-            "epoch_s": epoch_s, "train_images": int(n), "val_images": int(vn)}
+    metrics = {"epoch": epoch, **_errors(sums, "train"), "lr": lr, "images_per_s": n / (sums["train_s"] / world),
+               "data_wait_s": sums["data_wait_s"] / world, "epoch_s": epoch_s, "train_images": int(n)}
+    if vn is not None:
+        metrics.update(_errors(sums, "val"), val_images=int(vn))
+    return metrics
+
+
+def held_out_metrics(sums: dict[str, float], split: str) -> dict:
+    """test_loss, test_top1_err, test_top5_err, test_images from the workers' summed COUNTS."""
+    if not sums["images"]:
+        raise RuntimeError(f"no test images reached the workers: is split {split!r} empty?")
+    return {**_errors({f"test_{k}": v for k, v in sums.items()}, "test"), "test_images": int(sums["images"])}
+
+
+def _errors(sums: dict, prefix: str) -> dict:
+    n = sums[f"{prefix}_images"]
+    return {f"{prefix}_loss": sums[f"{prefix}_loss"] / n, f"{prefix}_top1_err": 1 - sums[f"{prefix}_top1"] / n,
+            f"{prefix}_top5_err": 1 - sums[f"{prefix}_top5"] / n}
 
 
 def check_resumable(state: dict, cfg: TrainConfig, meta: dict) -> None:
@@ -261,34 +324,52 @@ class Publisher:
         eta = (time.perf_counter() - self.started) / done * (self.cfg.epochs - metrics["epoch"] - 1)
         log.info(format_line(metrics, self.cfg.epochs, eta))
 
-    def finish(self, net, example: torch.Tensor | None) -> None:
-        """Curves, the final model in the registry, the run closed; also when the checkpoint already
-        held the last epoch (the job died while it finished the run, and was resubmitted)."""
-        if self.start_epoch >= self.cfg.epochs:
-            log.info(f"[densenet_ray] run {self.cfg.run_name!r} had checkpointed all its {self.cfg.epochs} epochs "
+    def finish(self, net, example: torch.Tensor | None, selected: dict | None, test: dict | None) -> None:
+        """Curves, the selected epoch and the test errors on the run, its model in the registry, the
+        run closed; also when the checkpoint already held the last epoch (the job died while it
+        finished the run, and was resubmitted)."""
+        cfg = self.cfg
+        if self.start_epoch >= cfg.epochs:
+            log.info(f"[densenet_ray] run {cfg.run_name!r} had checkpointed all its {cfg.epochs} epochs "
                      "before it was interrupted: finishing it")
-        if example is None or not self.history:  # no epoch at all (epochs=0)
+        if example is None or selected is None:  # no epoch at all (epochs=0)
             self.run.finish()
             return
-        final = self.history[-1]
         self.run.log_file("training_curves.png", plots.curves(self.history))
+        chosen = {"densenet_ray.select": cfg.select, "densenet_ray.selected_epoch": selected["epoch"]}
+        self.run.set_tags(chosen)
+        if test:  # once, at the step of the epoch whose weights it measures
+            self.run.log_epoch(selected["epoch"], test)
+            log.info(f"[densenet_ray] test ({cfg.test_split}, {test['test_images']} images, weights of epoch "
+                     f"{selected['epoch'] + 1}, --select {cfg.select}): top-1 error {test['test_top1_err']:.4f}, "
+                     f"top-5 error {test['test_top5_err']:.4f}")
         if not self.meta["register"]:
             self.run.finish()
             return
         self.run.flush()
+        plain = from_config(cfg, self.meta["num_classes"], self.meta["channels"], inference=True)
+        plain.load_state_dict(net.state_dict())  # the registered model: no DDP, SyncBatchNorm or compile
+        val_err = selected.get("val_top1_err")
+        extra = {"run_name": cfg.run_name, "select": cfg.select, "selected_epoch": selected["epoch"],
+                 **{k: f"{v:.6f}" for k, v in {**selected, **(test or {})}.items()
+                    if k in ("val_top5_err", "test_top1_err", "test_top5_err")}}
         version = registry.log_and_register(
-            self.run.uri, self.run.run_id, net, registered_name=self.cfg.registered_model,
-            input_example=example.float().numpy(), val_top1_err=final["val_top1_err"],
-            extra={"run_name": self.cfg.run_name, "val_top5_err": f"{final['val_top5_err']:.6f}"})
+            self.run.uri, self.run.run_id, plain, registered_name=cfg.registered_model,
+            input_example=example.float().numpy(), val_top1_err=val_err, extra=extra,
+            dataset=registry.Evaluated(self.meta["dataset"], self.meta["fingerprint"], cfg.val_split))
         self.run.finish()
-        log.info(f"[densenet_ray] registered {self.cfg.registered_model!r} version {version} "
-                 f"(val top-1 error {final['val_top1_err']:.4f}); MLflow run {self.run.run_id}")
+        log.info(f"[densenet_ray] registered {cfg.registered_model!r} version {version} ("
+                 + (f"val top-1 error {val_err:.4f}" if val_err is not None else "no validation: not a champion")
+                 + f", epoch {selected['epoch'] + 1}); MLflow run {self.run.run_id}")
 
 
 def format_line(m: dict, epochs: int, eta_s: float) -> str:
-    return (f"epoch {m['epoch'] + 1:>3}/{epochs}  loss {m['train_loss']:.4f}  "
-            f"top1 err {m['train_top1_err']:.4f}/{m['val_top1_err']:.4f} (train/val)  "
-            f"top5 err {m['train_top5_err']:.4f}/{m['val_top5_err']:.4f}  lr {m['lr']:.4g}  "
+    if "val_top1_err" in m:
+        errors = (f"top1 err {m['train_top1_err']:.4f}/{m['val_top1_err']:.4f} (train/val)  "
+                  f"top5 err {m['train_top5_err']:.4f}/{m['val_top5_err']:.4f}")
+    else:
+        errors = f"top1 err {m['train_top1_err']:.4f} (train)  top5 err {m['train_top5_err']:.4f}"
+    return (f"epoch {m['epoch'] + 1:>3}/{epochs}  loss {m['train_loss']:.4f}  {errors}  lr {m['lr']:.4g}  "
             f"{m['images_per_s']:.0f} img/s  data wait {m['data_wait_s']:.1f}s  ETA {_duration(eta_s)}")
 
 

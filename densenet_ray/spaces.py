@@ -215,6 +215,10 @@ def load_space(path: str, **overrides) -> Space:
         base.replace(run_name=base.run_name or "sweep", registered_model=base.registered_model or "x").validate()
     except ValueError as err:
         raise SpaceError(f"{where}: fixed/resources: {err}") from None
+    if not base.val_split:
+        fail("fixed.val_split", "a sweep chooses on validation error: give it a validation split, not none")
+    if scheduler.metric.startswith("test_"):
+        fail("scheduler.metric", f"{scheduler.metric!r}: the test split is never used to choose; use val_top1_err")
     _check_depths(base, domains, fail)
     return Space(path=path, base=base, domains=domains, scheduler=scheduler, num_samples=doc.get("num_samples", 1),
                  max_concurrent=doc.get("max_concurrent", 1), seed=doc.get("seed", 0), name=doc.get("name", ""))

@@ -1,7 +1,7 @@
 """Train a DenseNet data-parallel on Ray Train, tracked in MLflow, registered in its model registry.
 
     python -m densenet_ray.train digits                        # the offline demo, minutes on a laptop
-    python -m densenet_ray.train imagenet --data s3://bucket/imagenet --workers 16 --gpus-per-worker 1 \\
+    python -m densenet_ray.train imagenet --data s3://bucket/imagenet --workers 8 --gpus-per-worker 1 \\
         --precision bf16 --channels-last --storage s3://bucket/runs --mlflow-tracking-uri http://mlflow:5000
     ray job submit --working-dir . -- python -m densenet_ray.train imagenet ...
     python -m densenet_ray.train cifar10 --help                # every field, with the preset's values
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 
 import ray.data
 import ray.train
@@ -37,7 +38,7 @@ def prepare_data(cfg: C.TrainConfig) -> data.Manifest:
         print(f"[densenet_ray] converting {cfg.dataset} to {cfg.data} (first run only)", flush=True)
         write.convert(sources.BUILTIN[cfg.dataset](), cfg.data, progress=False,
                       command=f"python -m densenet_ray.train {cfg.preset}")
-    m = data.check(cfg.data, splits=(cfg.train_split, cfg.val_split))
+    m = data.check(cfg.data, splits=tuple(s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s))
     if cfg.num_classes is not None and cfg.num_classes != m.num_classes:
         raise data.DataError(f"--num-classes {cfg.num_classes} does not match {cfg.data}, which has "
                              f"{m.num_classes} classes ({', '.join(m.classes[:5])}{', ...' if m.num_classes > 5 else ''}); "
@@ -67,9 +68,36 @@ def connect(cfg: C.TrainConfig, concurrent: int = 1) -> None:
                               change="lower --cpus-per-worker or --workers")
 
 
+def small_batch_warning(cfg: C.TrainConfig) -> str | None:
+    """A warning when BatchNorm would normalise over fewer than C.MIN_BN_BATCH images per worker."""
+    per_worker = cfg.batch_size // cfg.workers
+    if per_worker >= C.MIN_BN_BATCH or cfg.sync_bn:
+        return None
+    return (f"warning: --batch-size {cfg.batch_size} over --workers {cfg.workers} leaves {per_worker} images per "
+            f"worker, and BatchNorm normalises each worker's batch on its own: its statistics get noisy below "
+            f"{C.MIN_BN_BATCH}. Use fewer workers or a larger --batch-size (the learning rate scales with it), or "
+            f"--sync-bn on GPUs")
+
+
+def input_stats(cfg: C.TrainConfig, manifest: data.Manifest) -> tuple[list, list]:
+    """(mean, std) per channel on the 0..1 scale that inputs are normalised with: the training data's,
+    or 0 and 1 for --normalize unit (pixels / 255 only)."""
+    if cfg.normalize == "unit":
+        return [0.0] * manifest.channels, [1.0] * manifest.channels
+    return list(manifest.mean), list(manifest.std)
+
+
+def registered_name(cfg: C.TrainConfig, manifest: data.Manifest) -> str:
+    """--registered-model, else densenet-DATASET: the name follows the data, so that versions of one
+    name are evaluated on one dataset."""
+    return cfg.registered_model or f"densenet-{manifest.display_name()}"
+
+
 def preflight(cfg: C.TrainConfig, concurrent: int = 1) -> tuple[str, data.Manifest]:
     """Every check that can run before a worker starts, fastest first: the tracking URI (seconds),
     Ray, the data (manifest and shard footers, class count), a tracking store other nodes can reach."""
+    if warning := small_batch_warning(cfg):
+        print(f"[densenet_ray] {warning}", flush=True)
     uri = resolve_tracking_uri(cfg.mlflow_tracking_uri)
     check_tracking(uri)
     connect(cfg, concurrent)
@@ -86,6 +114,11 @@ def open_run(cfg: C.TrainConfig, uri: str, manifest: data.Manifest, tags: dict |
     runlog.log_artifact_dict("config.json", C.to_dict(cfg))
     runlog.log_artifact_dict("class_index.json", {str(i): [w, n] for i, (w, n) in
                                                   enumerate(zip(manifest.wnids, manifest.classes))})
+    # What the weights expect as input, so that evaluate and predict need not reach the data.
+    mean, std = input_stats(cfg, manifest)
+    runlog.log_artifact_dict("normalization.json", {"mean": mean, "std": std, "channels": manifest.channels,
+                                                    "dataset": manifest.display_name(),
+                                                    "fingerprint": manifest.fingerprint()})
     print(f"[densenet_ray] MLflow run {runlog.run_id} in experiment {cfg.experiment!r} at {uri}", flush=True)
     return runlog
 
@@ -94,17 +127,19 @@ def make_trainer(cfg: C.TrainConfig, manifest: data.Manifest, uri: str, run_id: 
                  register: bool = True):
     """The TorchTrainer for one training run; `register=False` leaves the final model out of the
     registry (Tune trials: the sweep registers its best)."""
-    # Both datasets run again every epoch: their start and plan lines would bury the epoch lines.
+    # The datasets run again every epoch: their start and plan lines would bury the epoch lines.
     ray.data.DataContext.get_current().print_on_execution_start = False
-    size = cfg.image_size
+    size, run_dir = cfg.image_size, f"{cfg.storage.rstrip('/')}/{cfg.run_name}"
     datasets = {"train": data.read_split(cfg.data, cfg.train_split, cfg.train_transform, image_size=size,
-                                         manifest=manifest),
-                "val": data.read_split(cfg.data, cfg.val_split, cfg.eval_transform, image_size=size,
-                                       manifest=manifest)}
-    meta = {"num_classes": manifest.num_classes, "channels": manifest.channels, "mean": list(manifest.mean),
-            "std": list(manifest.std), "classes": list(manifest.classes),
-            "train_rows": manifest.split(cfg.train_split).rows, "run_id": run_id, "tracking_uri": uri,
-            "register": register}
+                                         order=cfg.shuffle, seed=cfg.seed, manifest=manifest)}
+    for name, split in (("val", cfg.val_split), ("test", cfg.test_split)):
+        if split:
+            datasets[name] = data.read_split(cfg.data, split, cfg.eval_transform, image_size=size, manifest=manifest)
+    mean, std = input_stats(cfg, manifest)
+    meta = {"num_classes": manifest.num_classes, "channels": manifest.channels, "mean": mean, "std": std,
+            "classes": list(manifest.classes), "dataset": manifest.display_name(),
+            "fingerprint": manifest.fingerprint(), "train_rows": manifest.split(cfg.train_split).rows,
+            "run_id": run_id, "tracking_uri": uri, "register": register}
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
@@ -117,7 +152,8 @@ def make_trainer(cfg: C.TrainConfig, manifest: data.Manifest, uri: str, run_id: 
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
-        dataset_config=data.dataset_config(),
+        # Each (re)start of the workers reads the train split in the order of the epoch it resumes.
+        dataset_config=data.dataset_config(first_epoch=partial(checkpoint.next_epoch, run_dir)),
     )
 
 
@@ -145,6 +181,7 @@ def run(cfg: C.TrainConfig):
     """Everything after the configuration: checks, MLflow run, TorchTrainer.fit. Returns the Ray
     Result, or None when the run had already finished (nothing trained, nothing recorded again)."""
     uri, manifest = preflight(cfg)
+    cfg = cfg.replace(registered_model=registered_name(cfg, manifest))
     if run_id := finished_run(cfg, uri):
         print(f"[densenet_ray] run {cfg.run_name!r} already finished its {cfg.epochs} epochs (MLflow run {run_id}, "
               f"checkpoints in {os.path.join(cfg.storage, cfg.run_name)}); nothing to do. To train again, pass "

@@ -20,6 +20,7 @@ theirs (checkpoint.py, tracking/registry.py); this module only puts what they gi
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,7 @@ class Model:
     run_id: str | None = None     # the MLflow run that trained it
     tracking_uri: str | None = None
     logged: dict = field(default_factory=dict)  # what training logged: val_top1_err, val_top5_err
+    stats: tuple | None = None    # (mean, std) of the training data, recorded with the weights
 
     @property
     def channels(self) -> int:
@@ -139,7 +141,8 @@ def _from_mlflow(source: str, tracking_uri: str | None, trust_pickle: bool) -> M
     net = rebuild({"config": got.config, "model": got.module.state_dict()}, source)
     classes = [c for _, c in got.index] if got.index else [str(i) for i in range(net.classifier.out_features)]
     wnids = [w for w, _ in got.index] if got.index else classes
-    return Model(net, from_dict(got.config), classes, wnids, source, got.label, got.run_id, uri, got.logged)
+    stats = (tuple(got.normalization["mean"]), tuple(got.normalization["std"])) if got.normalization else None
+    return Model(net, from_dict(got.config), classes, wnids, source, got.label, got.run_id, uri, got.logged, stats)
 
 
 def _from_checkpoint(source: str, tracking_uri: str | None, trust_pickle: bool) -> Model:
@@ -152,22 +155,25 @@ def _from_checkpoint(source: str, tracking_uri: str | None, trust_pickle: bool) 
     epoch = state.get("epoch")
     name = f"checkpoint {cfg.run_name}" + (f" epoch {epoch + 1}" if isinstance(epoch, int) else "")
     # The run's store is resolved when something is logged (record), not here.
+    stats = (tuple(state["mean"]), tuple(state["std"])) if state.get("mean") and state.get("std") else None
     return Model(net, cfg, classes, classes, source, name, state.get("run_id"),
-                 tracking_uri or cfg.mlflow_tracking_uri, logged)
+                 tracking_uri or cfg.mlflow_tracking_uri, logged, stats)
 
 
 # --- the data a model meets ----------------------------------------------------------------------
 
 def normalization(model: Model, fallback=None, given=None) -> tuple[tuple, tuple, str]:
     """(mean, std, where from): those of the Manifest `given` (a --stats DATASET) when there is one;
-    else the training data's, which the weights expect, read from its manifest (the run's config
-    `data`); else those of `fallback` (the data being evaluated, when the training data is not
-    reachable from here)."""
+    else the training data's, which the weights expect: recorded with the model (checkpoint, run),
+    else read from the training data's manifest (the run's config `data`); else, said on stderr,
+    those of `fallback` (the data being evaluated, when the training data is not reachable)."""
     if given is not None:
         if given.channels != model.channels:
             raise ModelError(f"--stats {given.root}: statistics of {given.channels}-channel images, but "
                              f"{model.name} takes {model.channels}-channel images")
         return given.mean, given.std, given.root
+    if model.stats is not None and len(model.stats[0]) == model.channels:
+        return (*model.stats, f"the training data {model.config.data} (recorded with the model)")
 
     try:
         m = load_manifest(model.config.data)
@@ -176,6 +182,9 @@ def normalization(model: Model, fallback=None, given=None) -> tuple[tuple, tuple
     except DataError:
         pass
     if fallback is not None:
+        print(f"[densenet_ray] warning: {model.name} carries no mean/std of its training data and "
+              f"{model.config.data} is not readable here: normalising with those of {fallback.root}; pass "
+              "--stats DATASET to choose", file=sys.stderr, flush=True)
         return fallback.mean, fallback.std, f"{fallback.root} (the training data {model.config.data} is not readable)"
     raise ModelError(f"{model.source}: the training data {model.config.data} (config field data) is not readable "
                      "here, and its mean/std are what the model expects; pass --stats DATASET, a dataset folder "

@@ -130,7 +130,8 @@ def close_trial_runs(rows: list[dict], uri: str, experiment: str, sweep: str) ->
                 end_run(uri, run.info.run_id, "FINISHED")
 
 
-def register_best(rows: list[dict], results, sweep_base: C.TrainConfig, uri: str, registered: str):
+def register_best(rows: list[dict], results, sweep_base: C.TrainConfig, uri: str, registered: str,
+                  evaluated: registry.Evaluated):
     """Register the final weights of the trial with the lowest final validation error."""
     candidates = [(r["final_val_top1_err"], i) for i, r in enumerate(rows) if not math.isnan(r["final_val_top1_err"])]
     if not candidates:
@@ -145,7 +146,7 @@ def register_best(rows: list[dict], results, sweep_base: C.TrainConfig, uri: str
     version = registry.log_and_register(uri, state["run_id"], net, registered_name=registered,
                                         input_example=state["example"].numpy(), val_top1_err=err,
                                         extra={"run_name": state["config"]["run_name"],
-                                               "sweep": sweep_base.run_name or ""})
+                                               "sweep": sweep_base.run_name or ""}, dataset=evaluated)
     return rows[i]["trial_id"], version, err
 
 
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stem = os.path.splitext(os.path.basename(args.space))[0]
     name = args.name or space.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    base = space.base.replace(run_name=name, registered_model=space.base.registered_model or f"densenet-{stem}")
+    base = space.base.replace(run_name=name)
     trials, skipped = space.trials(args.num_samples)
     if not trials:
         print(f"error: {args.space}: no valid configuration in the space", file=sys.stderr)
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def sweep(args, space, base: C.TrainConfig, name: str, trials: list[dict], skipped: list) -> int:
     uri, manifest = train.preflight(base, concurrent=space.max_concurrent)
+    base = base.replace(registered_model=train.registered_name(base, manifest))
     print_trials(base, trials, skipped, manifest.num_classes, manifest.channels)
     parent = RunLogger.start(uri, base.experiment, name, system_metrics=False, tags={SWEEP_TAG: name},
                              params={"space": args.space, "trials": len(trials), "scheduler": space.scheduler.type,
@@ -234,7 +236,8 @@ def sweep(args, space, base: C.TrainConfig, name: str, trials: list[dict], skipp
     parent.log_file("trials.csv", to_csv(rows).encode())
     parent.log_file("error_vs_params.png", plots.error_vs_params(rows, f"{name}: validation error against parameters"))
     close_trial_runs(rows, uri, base.experiment, name)
-    best = register_best(rows, list(results), base, uri, base.registered_model)
+    best = register_best(rows, list(results), base, uri, base.registered_model,
+                         registry.Evaluated(manifest.display_name(), manifest.fingerprint(), base.val_split))
     if best:
         trial_id, version, err = best
         parent.log_epoch(0, {"best_val_top1_err": err})

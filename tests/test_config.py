@@ -28,7 +28,7 @@ PRESET_ARCH = {"imagenet": (121, 32), "cifar10": (100, 12), "cifar100": (100, 12
 @pytest.mark.parametrize("preset", list(C.PRESETS))
 def test_every_preset_resolves_and_builds(preset):
     cfg = C.from_args([preset])
-    assert cfg.run_name.startswith(preset) and cfg.registered_model == f"densenet-{preset}"
+    assert cfg.run_name.startswith(preset) and cfg.registered_model is None  # the driver names it after the data
     classes, channels = C.DATASETS[cfg.dataset]
     net = from_config(cfg, classes, channels)
     assert (net.depth, net.growth_rate, net.in_channels, net.classifier.out_features) == (
@@ -107,3 +107,66 @@ def test_help_lists_every_field_with_the_preset_default(capsys):
         if name != "preset":
             assert f"--{name.replace('_', '-')}" in out
     assert "densenet_bc100_k12" in out  # the preset's value, not the base default
+
+
+@pytest.mark.parametrize("argv", [["--workers", "4", "cifar10"], ["--channels-last", "cifar10"],
+                                  ["--channels-last", "true", "cifar10", "--workers", "4"],
+                                  ["cifar10", "--workers=4", "--channels-last"]])
+def test_the_preset_may_stand_anywhere_among_the_flags(argv):
+    cfg = C.from_args(argv)
+    assert cfg.preset == "cifar10" and cfg.arch == "densenet_bc100_k12"
+    assert cfg.workers == (4 if any("4" in a for a in argv) else 2)
+    assert cfg.channels_last == ("--channels-last" in argv)
+
+
+def test_a_flag_value_is_not_taken_for_the_preset():
+    cfg = C.from_args(["--run-name", "imagenet", "cifar10"])
+    assert (cfg.preset, cfg.run_name) == ("cifar10", "imagenet")
+
+
+def test_no_preset_validates_or_selects_on_the_test_split(capsys):
+    for name, cfg in C.PRESETS.items():
+        assert cfg.val_split != "test" and "test" not in (cfg.train_split or "").split("+"), name
+    assert (C.PRESETS["cifar10"].val_split, C.PRESETS["cifar10"].test_split) == ("val", "test")
+    assert (C.PRESETS["svhn"].select, C.PRESETS["svhn"].val_split, C.PRESETS["svhn"].test_split) == ("best", "val", "test")
+    assert C.PRESETS["svhn"].normalize == "unit" and C.PRESETS["cifar10"].normalize == "mean_std"  # SVHN: / 255
+    with pytest.raises(SystemExit):
+        C.from_args(["cifar10", "--help"])
+    out = capsys.readouterr().out
+    assert "--val-split" in out and "--test-split" in out and "--select" in out
+
+
+def test_the_final_protocol_trains_on_train_and_val_without_validation():
+    cfg = C.from_args(["cifar10", "--train-split", "train+val", "--val-split", "none"])
+    assert (cfg.train_split, cfg.val_split, cfg.test_split, cfg.select) == ("train+val", None, "test", "last")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["svhn", "--val-split", "none"], "--select 'best': expected last when there is no --val-split"),
+    (["cifar10", "--test-split", "val"], "--test-split 'val': expected a split of its own"),
+    (["cifar10", "--sync-bn"], "--sync-bn True: expected false on CPU workers"),
+    (["cifar10", "--shuffle", "blocks"], "--shuffle 'blocks': expected rows or row_groups"),
+])
+def test_protocol_flags_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        C.from_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_small_per_worker_batches_are_warned_about():
+    from densenet_ray import train
+
+    assert train.small_batch_warning(C.PRESETS["imagenet"].replace(workers=8)) is None  # 32 a worker
+    warning = train.small_batch_warning(C.PRESETS["imagenet"].replace(workers=32))
+    assert "leaves 8 images per worker" in warning and "--sync-bn" in warning
+    assert train.small_batch_warning(C.PRESETS["imagenet"].replace(workers=32, sync_bn=True, gpus_per_worker=1)) is None
+
+
+def test_svhn_inputs_are_pixels_over_255_as_in_the_paper():
+    from densenet_ray import train
+    from densenet_ray.data import Manifest
+
+    m = Manifest(root="/d", name="svhn", classes=("0", "1"), wnids=("0", "1"), channels=3, mean=(0.4, 0.4, 0.4),
+                 std=(0.2, 0.2, 0.2), splits={})
+    assert train.input_stats(C.PRESETS["svhn"], m) == ([0.0] * 3, [1.0] * 3)
+    assert train.input_stats(C.PRESETS["cifar10"], m) == ([0.4] * 3, [0.2] * 3)

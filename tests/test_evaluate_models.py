@@ -143,13 +143,14 @@ def test_data_the_model_was_not_trained_for_is_an_error(tmp_path, changes, messa
         trained.check_compatible(model, manifest(**changes))
 
 
-def test_normalisation_is_the_training_datas_else_says_what_to_pass(tmp_path):
+def test_normalisation_is_the_training_datas_else_says_what_to_pass(tmp_path, capsys):
     write_checkpoint(tmp_path / "tiny", digits_net(0).state_dict())  # its config's data: /nowhere
     model = trained.load(str(tmp_path / "tiny"))
     with pytest.raises(trained.ModelError, match="/nowhere .*--stats DATASET"):
         trained.normalization(model)
     mean, std, where = trained.normalization(model, fallback=manifest())
     assert (mean, std) == ((0.3,), (0.4,)) and "not readable" in where
+    assert "warning: checkpoint tiny epoch 1 carries no mean/std" in capsys.readouterr().err
     with pytest.raises(trained.ModelError, match="--stats .* 3-channel"):
         trained.normalization(model, given=manifest(channels=3, mean=(0.3,) * 3, std=(0.4,) * 3))
     assert os.path.exists(tmp_path / "tiny")
@@ -169,3 +170,11 @@ def test_results_of_a_model_whose_run_is_elsewhere_go_to_a_new_run(tmp_path):
     assert run.data.tags["densenet_ray.model"] == str(tmp_path / "tiny") and run.data.tags["eval_val_data"] == "/d"
     assert [a.path for a in client.list_artifacts(run_id, "analysis")] == ["analysis/note.json"]
     assert client.get_experiment(run.info.experiment_id).name == "densenet_ray"
+
+
+def test_normalisation_recorded_with_the_weights_wins_over_the_evaluated_data(tmp_path, capsys):
+    write_checkpoint(tmp_path / "tiny", digits_net(0).state_dict(), mean=[0.2], std=[0.3])  # as training writes
+    model = trained.load(str(tmp_path / "tiny"))
+    mean, std, where = trained.normalization(model, fallback=manifest())
+    assert (mean, std) == ((0.2,), (0.3,)) and "recorded with the model" in where
+    assert capsys.readouterr().err == ""

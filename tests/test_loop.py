@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from densenet_ray import config as C
 from densenet_ray.model import from_config
-from densenet_ray.loop import COUNTS, Prepare, check_resumable, epoch_metrics, evaluate, summed, train_one_epoch
+from densenet_ray.loop import (COUNTS, Prepare, better, check_resumable, epoch_metrics, evaluate, held_out_metrics,
+                               restore, select, summed, train_one_epoch)
 
 CPU = torch.device("cpu")
 CFG = C.PRESETS["digits"].replace(workers=1, batch_size=16, epochs=4, run_name="loop", shuffle_buffer=0)
@@ -74,7 +75,7 @@ def test_evaluate_counts_every_image_once_and_matches_a_plain_computation():
     net, _, _, prepare = setup()
     net.train()(prepare(bright_or_dark(64, seed=1).images))  # BatchNorm statistics away from 0 and 1
     shard = bright_or_dark(37, seed=2)  # two batches and a partial one: none dropped
-    counts, example = evaluate(net, shard, prepare, CFG, CPU)
+    counts, example = evaluate(net, shard, prepare, CPU, 16)
     with torch.no_grad():
         logits = net.eval()(prepare(shard.images))
     assert counts["images"].item() == 37
@@ -83,7 +84,7 @@ def test_evaluate_counts_every_image_once_and_matches_a_plain_computation():
     assert counts["top1"].item() == (logits.argmax(1) == shard.labels).sum().item()
     assert counts["top5"].item() == 37  # two classes: the label is always among the top 2
     torch.testing.assert_close(example, prepare(shard.images[:2]))
-    empty, none = evaluate(net, Shard(shard.images[:0], shard.labels[:0]), prepare, CFG, CPU)
+    empty, none = evaluate(net, Shard(shard.images[:0], shard.labels[:0]), prepare, CPU, 16)
     assert none is None and all(v.item() == 0 for v in empty.values())
 
 
@@ -108,3 +109,53 @@ def test_a_checkpoint_of_another_model_or_dataset_is_not_resumed():
         check_resumable(state, CFG.replace(growth_rate=24), {"classes": ["0", "1"]})
     with pytest.raises(ValueError, match="trained on 2 other classes than the 3 of"):
         check_resumable(state, CFG, {"classes": ["0", "1", "2"]})
+
+
+def test_evaluation_is_fp32_whatever_the_training_precision():
+    """What training logs is what `evaluate` (fp32) computes: validation does not run under autocast."""
+    net, _, _, prepare = setup()
+    net.train()(prepare(bright_or_dark(64, seed=1).images))
+    shard = bright_or_dark(40, seed=3)
+    fp32, _ = evaluate(net, shard, prepare, CPU, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as train_loop runs under --precision bf16
+        bf16, _ = evaluate(net, shard, prepare, CPU, 16)
+    assert {k: v.item() for k, v in bf16.items()} == {k: v.item() for k, v in fp32.items()}
+
+
+def test_epoch_metrics_without_validation_and_held_out_test_metrics():
+    m = epoch_metrics({"train_loss": 10.0, "train_top1": 6, "train_top5": 9, "train_images": 10,
+                       "data_wait_s": 0.0, "train_s": 1.0}, 1, 0, 0.1, 1.0)
+    assert not any(k.startswith("val_") for k in m) and m["train_top1_err"] == pytest.approx(0.4)
+    assert held_out_metrics({"loss": 2.0, "top1": 3, "top5": 4, "images": 4}, "test") == pytest.approx(
+        {"test_loss": 0.5, "test_top1_err": 0.25, "test_top5_err": 0.0, "test_images": 4})
+
+
+def test_select_best_registers_the_epoch_with_the_lowest_validation_error():
+    net, _, _, _ = setup()
+    history, best = [], None
+    weights = {}
+    for epoch, err in enumerate([0.5, 0.2, 0.3]):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.01)
+        weights[epoch] = {k: v.clone() for k, v in net.state_dict().items()}
+        history.append({"epoch": epoch, "val_top1_err": err})
+        best = better(best, history[-1], net)
+    assert best["epoch"] == 1
+    assert select(CFG, history, best, net)["epoch"] == 2  # --select last: the weights stay
+    assert select(CFG.replace(select="best"), history, best, net)["epoch"] == 1
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, weights[1][k])
+
+
+def test_resuming_in_another_precision_starts_a_fresh_gradient_scaler():
+    net, optimizer, _, _ = setup()
+    fp16 = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": fp16.state_dict(),
+             "config": C.to_dict(CFG.replace(precision="fp16"))}
+    fresh = torch.amp.GradScaler("cpu", enabled=False)
+    restore(state, CFG.replace(precision="fp32"), net, optimizer, fresh)   # today: a crash in load_state_dict
+    assert not fresh.is_enabled()
+    same = torch.amp.GradScaler("cpu", enabled=True)
+    restore(state, CFG.replace(precision="fp16"), net, optimizer, same)
+    assert same.get_scale() == 1024.0

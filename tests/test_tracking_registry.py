@@ -12,6 +12,7 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
+from densenet_ray.tracking import registry
 from densenet_ray.tracking.registry import load_registered_model, log_and_register
 from densenet_ray.tracking.runlog import RunLogger
 from densenet_ray.tracking.uri import TrackingError, resolve_tracking_uri
@@ -140,3 +141,24 @@ def test_input_example_must_be_float32_images(run, example):
     with pytest.raises(ValueError, match=r"float32 array of shape \(N, C, H, W\)"):
         log_and_register(run.uri, run.run_id, tiny_cnn(0), registered_name="bad", input_example=example,
                                    val_top1_err=0.5)
+
+
+def test_champion_moves_only_between_versions_evaluated_on_the_same_data(run):
+    client = MlflowClient(run.uri)
+    cifar = registry.Evaluated("cifar10", "aaaa", "val")
+
+    def register(seed, err, dataset):
+        return log_and_register(run.uri, run.run_id, tiny_cnn(seed), registered_name="cmp", input_example=images(2),
+                                val_top1_err=err, dataset=dataset)
+
+    assert register(1, 0.30, cifar) == 1
+    register(2, 0.10, registry.Evaluated("my-photos", "bbbb", "val"))   # better, on other data: not champion
+    register(3, 0.20, registry.Evaluated("cifar10", "aaaa", "test"))    # better, on another split: not champion
+    register(4, None, cifar)                                            # a final run without validation
+    aliases = client.get_registered_model("cmp").aliases
+    assert (aliases["candidate"], aliases["champion"]) == (4, 1)
+    assert register(5, 0.25, cifar) == 5                                # better on the same data and split
+    assert client.get_registered_model("cmp").aliases["champion"] == 5
+    tags = client.get_model_version("cmp", "5").tags
+    assert (tags["dataset"], tags["dataset_fingerprint"], tags["eval_split"]) == ("cifar10", "aaaa", "val")
+    assert "val_top1_err" not in client.get_model_version("cmp", "4").tags

@@ -278,3 +278,45 @@ def test_wrong_schema_shard_is_named(digits_data, places, tmp_path, capfd):
                        "--mlflow-tracking-uri", places["uri"]]) == 2
     err = capfd.readouterr().err
     assert shard.name in err
+
+
+@pytest.fixture(scope="module")
+def digits_with_test(tmp_path_factory):
+    """The digits with a test split of their own (val halved): the paper's CIFAR/SVHN layout."""
+    src = sources.digits()
+    val = src.splits["val"]
+    src.splits = {"train": src.splits["train"], "val": val[::2], "test": val[1::2]}
+    src.name = "digits3"
+    out = tmp_path_factory.mktemp("digits3") / "ds"
+    write.convert(src, str(out), progress=False)
+    return str(out)
+
+
+@pytest.mark.slow
+def test_validation_chooses_and_the_test_split_is_measured_once_at_the_end(digits_with_test, places):
+    """--select best registers the epoch with the lowest validation error; the test split is evaluated
+    once, with those weights, logged at that epoch's step; the registered name follows the data."""
+    rc = train.main(["digits", "--data", digits_with_test, "--storage", places["storage"], "--mlflow-tracking-uri",
+                     places["uri"], "--run-name", "proto", "--epochs", "2", "--test-split", "test", "--select", "best",
+                     "--max-failures", "0"])
+    assert rc == 0
+    client, run = the_run(places["uri"], "proto")
+    val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_top1_err")}
+    chosen = min(val, key=lambda e: (val[e], e))
+    test = client.get_metric_history(run.info.run_id, "test_top1_err")
+    assert [m.step for m in test] == [chosen] and run.data.tags["densenet_ray.selected_epoch"] == str(chosen)
+    assert run.data.metrics["test_images"] == 180
+    version = client.get_model_version_by_alias("densenet-digits3", "champion")
+    assert (version.tags["selected_epoch"], version.tags["eval_split"], version.tags["dataset"]) == (
+        str(chosen), "val", "digits3")
+    assert float(version.tags["val_top1_err"]) == pytest.approx(val[chosen])
+
+    # The paper's final run: train on train+val, no validation, test at the end; a candidate, not a champion.
+    rc = train.main(["digits", "--data", digits_with_test, "--storage", places["storage"], "--mlflow-tracking-uri",
+                     places["uri"], "--run-name", "final", "--epochs", "1", "--train-split", "train+val",
+                     "--val-split", "none", "--test-split", "test", "--max-failures", "0"])
+    assert rc == 0
+    _, final = the_run(places["uri"], "final")
+    assert "test_top1_err" in final.data.metrics and not any(k.startswith("val_") for k in final.data.metrics)
+    aliases = client.get_registered_model("densenet-digits3").aliases
+    assert aliases["candidate"] == 2 and aliases["champion"] == 1

@@ -70,6 +70,8 @@ num_samples: 3
     (GOOD.replace("preset: digits", "preset: mnist"), "preset: 'mnist' is not a preset"),
     (GOOD + "space2: {}\n", "space2: unknown key"),
     ("preset: digits\nspace: {lr: {loguniform: [0.1, 0.01]}}\n", "space.lr.loguniform: [0.1, 0.01]: expected [low, high] with low < high"),
+    (GOOD + "fixed: {val_split: none}\n", "fixed.val_split: a sweep chooses on validation error"),
+    (GOOD.replace("type: asha,", "type: asha, metric: test_top1_err,"), "the test split is never used to choose"),
 ])
 def test_bad_space_names_the_key_path(tmp_path, text, message):
     with pytest.raises(spaces.SpaceError) as err:

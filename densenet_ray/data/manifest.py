@@ -12,6 +12,7 @@ A dataset folder (README "Dataset format" is the full description):
     rejects.jsonl                     source files left out at conversion, one {split, key, reason} a line
 """
 
+import hashlib
 import json
 import posixpath
 import re
@@ -101,6 +102,20 @@ class Manifest:
         """(filesystem, [path of each shard inside it]) for reading `split`."""
         fs, base = filesystem(self.root)
         return fs, [posixpath.join(base, s.file) for s in self.split(split).shards]
+
+    def fingerprint(self):
+        """16 hex digits that change when the classes or any shard's bytes change (not with the
+        dataset's location or creation time): errors measured on two datasets compare only when
+        their fingerprints are equal."""
+        doc = {"classes": list(zip(self.wnids, self.classes)), "channels": self.channels,
+               "splits": {k: sorted(sh.sha256 for sh in s.shards) for k, s in sorted(self.splits.items())}}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+    def display_name(self):
+        """What people call it: the source's name (cifar10, svhn, ...), else the folder's."""
+        if self.name and self.name != "imagefolder":
+            return self.name
+        return posixpath.basename(str(self.root).rstrip("/")) or self.name
 
     def to_json(self):
         return {

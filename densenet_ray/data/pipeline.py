@@ -1,19 +1,25 @@
 """Shards to training-ready batches with Ray Data, and the per-worker shares Ray Train hands out.
 
-    ds = read_split("s3://bucket/imagenet", "train", "imagenet_train")   # a ray.data.Dataset
+    ds = read_split("s3://bucket/imagenet", "train", "imagenet_train", order="rows", seed=0)   # a ray.data.Dataset
     trainer = TorchTrainer(loop, datasets={"train": ds, "val": read_split(root, "val", "imagenet_eval")},
                            dataset_config=dataset_config(), ...)
     # in each worker:
-    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=256, local_shuffle_buffer_size=2048):
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=256):
         x = batch["image"]       # uint8 (N, H, W, C): normalise on the device with m.mean / m.std
         y = batch["label"]       # int64 (N,)
     skipped = skipped_rows(root, "train")   # rows that failed to decode so far (cumulative)
 
-Shuffling per epoch: the converter shuffled rows across shards with a seed; each epoch the row
-groups (~8 MB, ~70 ImageNet images each) are read in a new random order, the local shuffle buffer
-mixes rows within a worker, and random transforms draw fresh crops (their rng is seeded from the
-OS for every row group).
+Order: evaluation reads rows as stored. Training (`order=`) reads them in a new order every epoch,
+a function of (seed, epoch) whatever the transform: "rows" is a full permutation of the split's
+rows (Ray Data's random_shuffle of the still-encoded rows, then decoding), so whether two images
+share a batch does not depend on where they were stored (a CIFAR row group holds ~3,300 images);
+joined splits ("train+extra") are mixed, not concatenated. It costs a per-epoch barrier: the
+shuffle reads the whole split before the first batch (seconds for CIFAR/SVHN, the encoded bytes
+of ImageNet through the object store). "row_groups" streams instead: row groups (~8 MB) in a new
+order, rows of one row group stay near each other (the local shuffle buffer mixes a little).
+The epoch is `first_epoch` plus Ray Data's execution count of the dataset (one execution an
+epoch), so a resumed run (first_epoch = its next epoch) sees the order it would have seen.
+Random transforms draw fresh crops from OS entropy for every block.
 
 Why a Datasource of our own (RowGroups) rather than read_parquet + map_batches: in Ray 2.60
 read_parquet lists files through 32 footer-reading actors on every execution (~2 s per epoch on
@@ -29,6 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
+from ray.data import RandomSeedConfig
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import ReadTask
 from ray.train import DataConfig
@@ -36,20 +43,25 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .counter import Counter
 from .manifest import DataError, load_manifest
-from .transforms import RANDOM, TRANSFORMS, output_shape
+from .transforms import TRANSFORMS, output_shape
 
 # What a corrupt image raises inside Pillow, numpy or our shape check: skip the row, not the block.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, Image.DecompressionBombError)
 
 
-def read_split(root, split, transform, *, image_size=None, shuffle=None, with_keys=False, manifest=None):
+ORDERS = (None, "rows", "row_groups")
+
+
+def read_split(root, split, transform, *, image_size=None, order=None, seed=0, first_epoch=0, with_keys=False,
+               manifest=None):
     """A ray.data.Dataset of {"image": uint8 (H, W, C), "label": int64} rows for `split` of the
     dataset at `root` (local path or URI), transformed by `transform` (a key of TRANSFORMS).
 
     split: a split name, or names joined by "+" ("train+extra").
     image_size: output side for the imagenet_* transforms (default 224); for "none" and
         "cifar_train", resize to it when given, else keep the stored size (which must be uniform).
-    shuffle: read row groups in a new random order every epoch; default on for random transforms.
+    order: None (as stored: evaluation), "rows" or "row_groups" (a new order every epoch from
+        (seed, epoch); see the module docstring). first_epoch: the epoch of the first execution.
     with_keys: also give each row its source "key" (a string; for analysis with iter_batches,
         not iter_torch_batches).
     Rows that fail to decode are dropped one by one and counted: see skipped_rows(root, split).
@@ -57,6 +69,8 @@ def read_split(root, split, transform, *, image_size=None, shuffle=None, with_ke
     """
     if transform not in TRANSFORMS:
         raise DataError(f"transform {transform!r}: expected one of {', '.join(TRANSFORMS)}")
+    if order not in ORDERS:
+        raise DataError(f"order {order!r}: expected rows, row_groups or None (as stored)")
     m = manifest or load_manifest(root)
     info = m.split(split)
     size = image_size or (224 if transform.startswith("imagenet") else None)
@@ -70,34 +84,49 @@ def read_split(root, split, transform, *, image_size=None, shuffle=None, with_ke
     decode = {"transform": transform, "size": size, "mode": "L" if m.channels == 1 else "RGB",
               "shape": output_shape(transform, size or info.image_size, m.channels),
               "counter": _counter(m.root, split)}
-    source = RowGroups(fs, units, ["image", "label"] + ["key"] * with_keys, decode,
-                       shuffle=transform in RANDOM if shuffle is None else shuffle)
-    ds = ray.data.read_datasource(source, override_num_blocks=len(units))
-    # One operator does all the work; Ray's per-operator reservation would hold half the CPUs back
-    # for operators this dataset does not have (measured: one task at a time on a 2-CPU node).
-    ds.context.op_resource_reservation_enabled = False
+    columns = ["image", "label"] + ["key"] * with_keys
+    if order == "rows":  # read encoded, shuffle every row, then decode
+        source = RowGroups(fs, units, columns, None, seed=None)
+        ds = ray.data.read_datasource(source, override_num_blocks=len(units))
+        # Ray Data reseeds from (seed, execution index) every execution: from (seed, epoch) here.
+        ds = ds.random_shuffle(seed=RandomSeedConfig(seed=_seed(seed), reseed_after_execution=True))
+        ds = ds.map_batches(decode_batch, fn_kwargs=decode, batch_size=None, batch_format="numpy")
+    else:
+        source = RowGroups(fs, units, columns, decode, seed=None if order is None else _seed(seed))
+        ds = ray.data.read_datasource(source, override_num_blocks=len(units))
+        # One operator does all the work; Ray's per-operator reservation would hold half the CPUs back
+        # for operators this dataset does not have (measured: one task at a time on a 2-CPU node).
+        ds.context.op_resource_reservation_enabled = False
+    ds.context._execution_idx = first_epoch  # Ray Data counts executions from here: the epoch
     return ds
+
+
+def _seed(seed):
+    return int(seed) % (2**31)
 
 
 class RowGroups(ray.data.Datasource):
     """Shard row groups as Ray Data read tasks: each reads one row group (~8 MB) and decodes its
-    images, so reading and decoding are one step and parallelism is the number of row groups.
-    Ray asks for the read tasks at every execution, i.e. every epoch: with `shuffle` they come
-    in a new random order each time."""
+    images (`decode`; None: rows stay encoded), so reading and decoding are one step and
+    parallelism is the number of row groups. Ray asks for the read tasks at every execution,
+    i.e. every epoch: with a `seed` they come in the order of (seed, epoch)."""
 
-    def __init__(self, fs, units, columns, decode, shuffle):
+    def __init__(self, fs, units, columns, decode, seed):
         super().__init__()
-        self._fs, self._units, self._columns, self._decode, self._shuffle = fs, units, columns, decode, shuffle
-        self._row_bytes = int(np.prod(decode["shape"]))
+        self._fs, self._units, self._columns, self._decode, self._seed = fs, units, columns, decode, seed
+        self._row_bytes = int(np.prod(decode["shape"])) if decode else 0
 
     def estimate_inmemory_data_size(self):
-        return int(sum(rows for _, _, rows in self._units) * self._row_bytes)
+        return int(sum(rows for _, _, rows in self._units) * self._row_bytes) or None
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        order = np.random.default_rng().permutation(len(self._units)) if self._shuffle else range(len(self._units))
+        order = range(len(self._units))
+        if self._seed is not None:
+            epoch = data_context._execution_idx if data_context is not None else 0
+            order = np.random.default_rng([self._seed, epoch]).permutation(len(self._units))
         return [ReadTask(partial(read_row_group, self._fs, path, group, self._columns, self._decode),
-                         BlockMetadata(num_rows=None, size_bytes=int(rows * self._row_bytes), exec_stats=None,
-                                       input_files=[path]),
+                         BlockMetadata(num_rows=None, size_bytes=int(rows * self._row_bytes) or None,
+                                       exec_stats=None, input_files=[path]),
                          per_task_row_limit=per_task_row_limit)
                 for path, group, rows in (self._units[i] for i in order)]
 
@@ -106,6 +135,8 @@ def read_row_group(fs, path, group, columns, decode):
     """[one block]: row group `group` of the shard at `path`, decoded."""
     with fs.open_input_file(path) as f:
         t = pq.ParquetFile(f).read_row_group(group, columns=columns)
+    if decode is None:
+        return [t]
     batch = decode_batch({c: t[c].to_numpy(zero_copy_only=False) for c in columns}, **decode)
     return [BlockAccessor.batch_to_block(batch)]
 
@@ -139,7 +170,7 @@ def skipped_rows(root, split):
         return 0
 
 
-def dataset_config(equal=("train",)):
+def dataset_config(equal=("train",), first_epoch=None):
     """The ray.train.DataConfig that gives each worker its share (Ray Train V2, `dataset_config=`).
 
     Datasets named in `equal` (training) go through streaming_split(n, equal=True): every block
@@ -149,16 +180,30 @@ def dataset_config(equal=("train",)):
     dataset ("val", "test") goes through streaming_split(n, equal=False): disjoint and complete,
     so evaluation sees every image exactly once across workers (shares may differ by a few
     blocks, so evaluation must not run collectives per batch: sum the counts once at the end).
+    The `equal` datasets keep their block order (preserve_order): the sequence of rows is the
+    (seed, epoch) order read_split made; which worker takes which block depends on timing.
+    first_epoch: called at every (re)start of the workers, the epoch they resume with (Ray Data
+    counts one execution an epoch from there).
     """
-    return _Shares(equal)
+    return _Shares(equal, first_epoch)
 
 
 class _Shares(DataConfig):
-    def __init__(self, equal, **kwargs):
+    def __init__(self, equal, first_epoch=None, **kwargs):
         super().__init__(**kwargs)
-        self._equal = tuple(equal)
+        self._equal, self._first_epoch = tuple(equal), first_epoch
+
+    def _resolve_execution_options(self, name):
+        options = super()._resolve_execution_options(name)
+        options.preserve_order = options.preserve_order or name in self._equal
+        return options
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        if self._first_epoch is not None:
+            epoch = self._first_epoch()
+            datasets = {k: v.copy(v) for k, v in datasets.items()}
+            for ds in datasets.values():
+                ds.context._execution_idx = epoch
         equal = {k: v for k, v in datasets.items() if k in self._equal}
         out = super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
         hints = worker_node_ids if self._enable_shard_locality else None

@@ -1,5 +1,7 @@
 """The model registry: a run's final model logged without pickle, registered as a new version
-with the alias `candidate`, and `champion` while it has the lowest validation top-1 error.
+with the alias `candidate`, and `champion` while it has the lowest validation top-1 error among
+versions evaluated on the same dataset (its manifest's fingerprint) and split. A version without
+a validation error (a final run on train+val) never takes `champion` by itself.
 
     version = log_and_register(uri, run_id, model, registered_name="densenet121-imagenet",
                                input_example=images[:2], val_top1_err=0.253)
@@ -29,6 +31,7 @@ training checkpoint instead.
 import copy
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import tempfile
@@ -52,15 +55,33 @@ _MODELS = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version
 _RUNS = re.compile(r"runs:/(?P<run>[0-9a-zA-Z]+)(?:/(?P<path>.+))?")
 
 
+_log = logging.getLogger(__name__)
+DATASET_TAGS = ("dataset", "dataset_fingerprint", "eval_split")
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """What a version's val_top1_err was measured on; tagged on the version as DATASET_TAGS."""
+
+    dataset: str       # the manifest's name, e.g. "cifar10"
+    fingerprint: str   # data.Manifest.fingerprint(): classes and shard checksums
+    split: str | None  # the validation split; None: no validation
+
+    def tags(self) -> dict:
+        return dict(zip(DATASET_TAGS, (self.dataset, self.fingerprint, self.split or "none")))
+
+
 class PickleRefused(TrackingError):
     """A model that needs pickle to load, refused without --trust-pickle."""
 
 
 def log_and_register(uri: str, run_id: str, model: torch.nn.Module, *, registered_name: str,
-                     input_example, val_top1_err: float, extra: dict | None = None) -> int:
+                     input_example, val_top1_err: float | None, extra: dict | None = None,
+                     dataset: Evaluated | None = None) -> int:
     """Log `model` to run `run_id` (in the store at `uri`) as pt2, register it as a new version
-    of `registered_name` tagged val_top1_err and `extra`, move `candidate` to it and `champion`
-    too when it beats the champion's val_top1_err. Returns the version number."""
+    of `registered_name` tagged val_top1_err, `extra` and `dataset`'s tags, move `candidate` to
+    it, and `champion` too when it beats the champion's val_top1_err measured on the same dataset
+    and split. Returns the version number."""
     client = MlflowClient(uri)
     experiment_id = client.get_run(run_id).info.experiment_id
     extra = extra or {}
@@ -90,13 +111,13 @@ def log_and_register(uri: str, run_id: str, model: torch.nn.Module, *, registere
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        tags = {ERROR_TAG: repr(float(val_top1_err)), **{k: str(v) for k, v in extra.items()}}
+        tags = {**({ERROR_TAG: repr(float(val_top1_err))} if val_top1_err is not None else {}),
+                **(dataset.tags() if dataset else {}), **{k: str(v) for k, v in extra.items()}}
         version = client.create_model_version(registered_name, source=info.model_uri,
                                               run_id=run_id, tags=tags,
                                               model_id=info.model_id).version
     client.set_registered_model_alias(registered_name, CANDIDATE, version)
-    champion_err = _champion_error(client, registered_name)
-    if champion_err is None or float(val_top1_err) < champion_err:
+    if val_top1_err is not None and _beats_champion(client, registered_name, float(val_top1_err), tags):
         client.set_registered_model_alias(registered_name, CHAMPION, version)
     return int(version)
 
@@ -113,14 +134,21 @@ def _example(images) -> np.ndarray:
     return np.concatenate([images, images])[:2] if len(images) == 1 else images
 
 
-def _champion_error(client: MlflowClient, name: str) -> float | None:
-    """val_top1_err of the current champion, None when there is none. A champion without the
-    tag (set by hand) counts as -inf: it stays, as nothing says it is worse."""
+def _beats_champion(client: MlflowClient, name: str, err: float, tags: dict) -> bool:
+    """Whether a version with val_top1_err `err` and `tags` takes `champion`: there is none, or the
+    champion was evaluated on the same dataset and split and has a higher error. A champion
+    without the error tag (set by hand) counts as -inf: it stays, as nothing says it is worse."""
     version = client.get_registered_model(name).aliases.get(CHAMPION)
     if version is None:
-        return None
+        return True
     champion = client.get_model_version(name, version)
-    return float(champion.tags.get(ERROR_TAG, "-inf"))
+    mine, theirs = ([t.get(k) for k in DATASET_TAGS] for t in (tags, champion.tags))
+    if mine != theirs:
+        _log.warning("%s: the champion (version %s) was evaluated on %s, this version on %s: errors on other data "
+                     "are not comparable, so the champion stays; move the alias by hand if you mean it",
+                     name, version, dict(zip(DATASET_TAGS, theirs)), dict(zip(DATASET_TAGS, mine)))
+        return False
+    return err < float(champion.tags.get(ERROR_TAG, "-inf"))
 
 
 @contextmanager
@@ -172,6 +200,7 @@ class Fetched:
     run_id: str
     label: str                   # for people: "densenet-digits v1", "run 52a2164e"
     logged: dict = field(default_factory=dict)  # val_top1_err, val_top5_err
+    normalization: dict | None = None            # the training data's mean and std (normalization.json)
 
 
 def fetch_model(source: str, uri: str, *, trust_pickle: bool = False) -> Fetched:
@@ -205,6 +234,7 @@ def fetch_model(source: str, uri: str, *, trust_pickle: bool = False) -> Fetched
         with tempfile.TemporaryDirectory() as tmp:
             config = json.loads(Path(client.download_artifacts(run_id, "config.json", tmp)).read_text())
             index = _class_index(client, run_id, tmp)
+            normalization = _optional_json(client, run_id, "normalization.json", tmp)
     except MlflowException as e:
         raise TrackingError(f"{source}: run {run_id} in {uri} has no config.json ({e.message}); only models "
                             "trained by densenet_ray.train can be rebuilt") from None
@@ -212,16 +242,20 @@ def fetch_model(source: str, uri: str, *, trust_pickle: bool = False) -> Fetched
         logged = {k: run.data.metrics[k] for k in ("val_top1_err", "val_top5_err") if k in run.data.metrics}
     if not isinstance(module, torch.nn.Module):
         raise TrackingError(f"{source}: loaded a {type(module).__name__}, not a torch module")
-    return Fetched(module, config, index, run_id, label, logged)
+    return Fetched(module, config, index, run_id, label, logged, normalization)
 
 
 def _class_index(client, run_id: str, tmp: str) -> list | None:
     """[(wnid, name)] in label order from the run's class_index.json ({"0": [wnid, name], ...})."""
+    doc = _optional_json(client, run_id, "class_index.json", tmp)
+    return None if doc is None else [tuple(doc[str(i)]) for i in range(len(doc))]
+
+
+def _optional_json(client, run_id: str, name: str, tmp: str):
     try:
-        doc = json.loads(Path(client.download_artifacts(run_id, "class_index.json", tmp)).read_text())
+        return json.loads(Path(client.download_artifacts(run_id, name, tmp)).read_text())
     except (MlflowException, OSError):
         return None
-    return [tuple(doc[str(i)]) for i in range(len(doc))]
 
 
 def _registered(client) -> str:

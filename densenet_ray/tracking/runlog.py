@@ -189,6 +189,16 @@ class RunLogger:
                 self._pending.append(Metric(key, value, now_ms, epoch))
         self._flush(self._step_timeout_s)
 
+    def set_tags(self, tags: dict) -> None:
+        """Set `tags` on the run now; during an outage they are reported, not raised."""
+        try:
+            with _one_try(self._step_timeout_s):
+                self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        except MlflowException as e:
+            if not _transient(e):
+                raise
+            _log.error("tracking server %s failed: run %s lost tags %s (%s)", self.uri, self.run_id, tags, e.message)
+
     def log_artifact_dict(self, name: str, obj) -> None:
         """`obj` as the JSON artifact `name` (e.g. "config.json"), queued like metrics."""
         self.log_file(name, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
