@@ -2,7 +2,7 @@
 same data, same CPUs, steady-state images/s side by side.
 
     python benchmarks/train_overhead.py                          # DenseNet-BC-100 k=12 on digits at 32x32
-    python benchmarks/train_overhead.py --arch densenet_bc --depth 40 --image-size 16 --epochs 3
+    python benchmarks/train_overhead.py --arch densenet_bc --depth 40 --growth-rate 12 --image-size 16 --epochs 3
 
 The plain loop is the most favourable reference: every image decoded once into memory up front,
 then shuffle, batch, normalise and step, with torch using every core. Ours streams the Parquet
