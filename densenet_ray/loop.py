@@ -101,7 +101,8 @@ def train_loop(config: dict) -> None:
         # Rows that failed to decode (shards not made by our converter), since this job started.
         metrics["skipped_rows"] = sum(data.skipped_rows(cfg.data, s) for s in (cfg.train_split, cfg.val_split) if s)
         history = history + [metrics]
-        best = better(best, metrics, net)
+        if cfg.select == "best":  # a CPU copy of the weights only when they can be chosen
+            best = better(best, metrics, net)
         if publisher:
             publisher.epoch_end(metrics, {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
