@@ -98,6 +98,9 @@ class TrainConfig:
     mlflow_tracking_uri: str | None = _f(None, "None: $MLFLOW_TRACKING_URI, else the embedded SQLite store")
     experiment: str = _f("densenet_ray", "MLflow experiment")
     registered_model: str | None = _f(None, "None: densenet-DATASET, after the dataset's name in its manifest")
+    # console
+    progress_s: float = _f(30.0, "seconds between progress lines inside an epoch (and step metrics in MLflow); 0: off")
+    verbose: bool = _f(False, "show Ray's and MLflow's info lines (per-report dumps, checkpoint paths) on the console")
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -165,6 +168,7 @@ class TrainConfig:
         need(self.compression is None or 0 < self.compression <= 1, "compression", "theta in (0, 1]")
         need(self.growth_rate is None or self.growth_rate >= 1, "growth_rate", "a positive integer")
         need(self.depth is None or self.depth >= 10, "depth", "a total depth L such as 40, 100 or 190")
+        need(self.progress_s >= 0 and math.isfinite(self.progress_s), "progress_s", "seconds, 0 or more (0: no progress lines)")
         need(self.shuffle_buffer >= 0, "shuffle_buffer", "0 or more rows")
         need(bool(self.run_name) and "/" not in self.run_name, "run_name", "a name without '/'")
         need(self.dataset in DATASETS, "dataset", " or ".join(DATASETS))

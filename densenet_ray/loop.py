@@ -22,7 +22,6 @@ it would have been without the interruption; data order and crops come from Ray 
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 
@@ -34,6 +33,8 @@ import ray.train
 import ray.train.torch
 from densenet_ray import checkpoint, data, plots
 from densenet_ray.config import TrainConfig, from_dict, to_dict
+from densenet_ray.console import quiet_libraries, say
+from densenet_ray.progress import Progress, duration, stall_hint
 from densenet_ray.model import from_config
 from densenet_ray.tracking import registry
 from densenet_ray.tracking.runlog import RunLogger
@@ -47,7 +48,8 @@ _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def train_loop(config: dict) -> None:
-    cfg, meta = from_dict(config["cfg"]), config["meta"]
+    cfg, meta, console = from_dict(config["cfg"]), config["meta"], config.get("console")
+    quiet_libraries(cfg.verbose)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -73,7 +75,7 @@ def train_loop(config: dict) -> None:
         start_epoch, history, example = state["epoch"] + 1, state["history"], state.get("example")
         best = state.get("best")
 
-    publisher = Publisher(cfg, meta, history, start_epoch, world, device) if rank == 0 else None
+    publisher = Publisher(cfg, meta, history, start_epoch, world, device, console) if rank == 0 else None
     train_step = torch.compile(model) if cfg.compile else model
     evaluate_fn = torch.compile(net) if cfg.compile else net
     prepare = Prepare(meta["mean"], meta["std"], cfg.channels_last, device)
@@ -81,11 +83,17 @@ def train_loop(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.val_split else None
     steps_per_epoch = meta["train_rows"] // cfg.batch_size
+    meter = Progress(cfg.progress_s, steps_per_epoch, cfg.epochs, world, device, rank, cfg.batch_size)
+    if publisher and meter.on and start_epoch < cfg.epochs:
+        publisher.say(f"epoch {start_epoch + 1:>3}/{cfg.epochs} waiting for the first batch: starting the input "
+                      f"pipeline (reading and decoding {cfg.data})")
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
         t0 = time.perf_counter()
-        train_counts, data_wait, train_example = train_one_epoch(train_step, optimizer, scaler, train_shard, prepare,
-                                                                 cfg, epoch, steps_per_epoch, device)
+        meter.epoch_start(epoch, history[-1]["epoch_s"] if history else None)
+        train_counts, data_wait, train_example = train_one_epoch(
+            train_step, optimizer, scaler, train_shard, prepare, cfg, epoch, steps_per_epoch, device,
+            meter=meter, on_report=publisher.step if publisher else None)
         train_s = time.perf_counter() - t0
         if world > 1:
             # DDP copies rank 0's BatchNorm statistics to the others at the start of each forward, so the
@@ -98,13 +106,17 @@ def train_loop(config: dict) -> None:
                        **{f"val_{k}": v for k, v in val_counts.items()},
                        "data_wait_s": data_wait, "train_s": train_s}, device)
         metrics = epoch_metrics(sums, world, epoch, optimizer.param_groups[0]["lr"], time.perf_counter() - t0)
+        metrics["data_wait_frac"] = largest(data_wait / max(train_s, 1e-9), device)
+        first_batch_share = meter.first_wait / data_wait if data_wait > 0 else 0.0
+        if publisher:
+            metrics.update(pipeline_figures(train_shard))
         # Rows that failed to decode (shards not made by our converter), since this job started.
         metrics["skipped_rows"] = sum(data.skipped_rows(cfg.data, s) for s in (cfg.train_split, cfg.val_split) if s)
         history = history + [metrics]
         if cfg.select == "best":  # a CPU copy of the weights only when they can be chosen
             best = better(best, metrics, net)
         if publisher:
-            publisher.epoch_end(metrics, {
+            publisher.epoch_end(metrics, first_batch_share, {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "history": history, "config": to_dict(cfg), "classes": list(meta["classes"]),
                 "mean": meta["mean"], "std": meta["std"], "run_id": meta["run_id"],
@@ -137,7 +149,11 @@ class Prepare:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.mean.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = (x - self.mean) / self.std
-        return x if self.channels_last else x.contiguous()
+        # With one channel the NHWC permute already counts as contiguous, so .contiguous() would keep its
+        # channels_last strides: the convolutions then run channels_last and DDP warns that the 1x1
+        # weights' gradient strides differ from its buckets'. Make the layout what was asked for.
+        return x if self.channels_last else x.clone(memory_format=torch.contiguous_format) if x.shape[1] == 1 \
+            else x.contiguous()
 
 
 def restore(state: dict, cfg: TrainConfig, net, optimizer, scaler) -> None:
@@ -176,9 +192,11 @@ def select(cfg: TrainConfig, history: list[dict], best: dict | None, net) -> dic
 
 
 def train_one_epoch(model, optimizer, scaler, shard, prepare: Prepare, cfg: TrainConfig, epoch: int, steps: int,
-                    device) -> tuple[dict[str, torch.Tensor], float, torch.Tensor | None]:
+                    device, *, meter: Progress | None = None, on_report=None
+                    ) -> tuple[dict[str, torch.Tensor], float, torch.Tensor | None]:
     """One pass over this worker's share. Returns (its COUNTS; seconds spent waiting for data;
-    two normalised images of the first batch, None when no batch came)."""
+    two normalised images of the first batch, None when no batch came). `meter` (every rank, or
+    none) decides when a progress report is due; `on_report` (rank 0) receives it."""
     model.train()
     counts = _counts(device)
     data_wait, step, example = 0.0, 0, None
@@ -188,7 +206,8 @@ def train_one_epoch(model, optimizer, scaler, shard, prepare: Prepare, cfg: Trai
     while True:
         t = time.perf_counter()
         batch = next(batches, None)
-        data_wait += time.perf_counter() - t
+        waited = time.perf_counter() - t
+        data_wait += waited
         if batch is None:
             break
         for group in optimizer.param_groups:
@@ -204,6 +223,8 @@ def train_one_epoch(model, optimizer, scaler, shard, prepare: Prepare, cfg: Trai
         scaler.update()
         _add(counts, loss.detach().double() * len(y), logits.detach().float(), y)
         step += 1
+        if meter and (report := meter.step(step, loss, optimizer.param_groups[0]["lr"], waited)) and on_report:
+            on_report(report, meter.line(report))
     return counts, data_wait, example
 
 
@@ -254,6 +275,30 @@ def summed(values: dict[str, torch.Tensor | float], device) -> dict[str, float]:
     return dict(zip(names, packed.tolist()))
 
 
+def largest(value: float, device) -> float:
+    """The largest `value` over the workers."""
+    packed = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return packed.item()
+
+
+def pipeline_figures(shard) -> dict:
+    """The input pipeline's own figures for the epoch that just ran, from Ray Data's stats (as far as
+    Ray exposes them): task-seconds spent reading, decoding and augmenting, the rows per second and
+    bytes it delivered. Empty when this Ray does not give them."""
+    try:  # a streaming split's coordinator holds the execution's stats (DataIterator.stats() is a string)
+        ops = ray.get(shard._coord_actor.stats.remote(), timeout=10).to_summary().operators_stats
+    except Exception:
+        return {}
+    if not ops:
+        return {}
+    out = {"input_task_s": sum(op.wall_time.sum for op in ops if op.wall_time), "input_rows_per_s": ops[-1].num_rows_per_s}
+    if ops[-1].output_size_bytes:
+        out["input_bytes"] = ops[-1].output_size_bytes.sum
+    return out
+
+
 def epoch_metrics(sums: dict[str, float], world: int, epoch: int, lr: float, epoch_s: float) -> dict:
     """The one metrics dict of an epoch from the workers' summed COUNTS (train_*, and val_* when
     there is validation), data_wait_s and train_s: console line, ray.train.report and MLflow use
@@ -263,7 +308,8 @@ def epoch_metrics(sums: dict[str, float], world: int, epoch: int, lr: float, epo
         raise RuntimeError(f"epoch {epoch}: no {'training' if n == 0 else 'validation'} images reached the "
                            f"workers; is the split empty or smaller than one batch per worker?")
     metrics = {"epoch": epoch, **_errors(sums, "train"), "lr": lr, "images_per_s": n / (sums["train_s"] / world),
-               "data_wait_s": sums["data_wait_s"] / world, "epoch_s": epoch_s, "train_images": int(n)}
+               "images_per_s_per_worker": n / sums["train_s"], "data_wait_s": sums["data_wait_s"] / world,
+               "epoch_s": epoch_s, "train_images": int(n)}
     if vn is not None:
         metrics.update(_errors(sums, "val"), val_images=int(vn))
     return metrics
@@ -299,8 +345,8 @@ class Publisher:
     """Rank 0's side effects, all in one place: checkpoint files, MLflow, the console line."""
 
     def __init__(self, cfg: TrainConfig, meta: dict, history: list[dict], start_epoch: int, world: int,
-                 device) -> None:
-        self.cfg, self.meta, self.start_epoch = cfg, meta, start_epoch
+                 device, console=None) -> None:
+        self.cfg, self.meta, self.start_epoch, self.console = cfg, meta, start_epoch, console
         tags = {"workers": str(world), "device": str(device), "device_name": _device_name(device)}
         if start_epoch:  # where the latest (re)start picked up, for people and for the fault tests
             tags["densenet_ray.resumed_after_epoch"] = str(start_epoch - 1)
@@ -308,13 +354,23 @@ class Publisher:
                                    params={}, tags=tags)
         self.started = time.perf_counter()
         if start_epoch:
-            log.info(f"[densenet_ray] resumed run {cfg.run_name!r} from its checkpoint after epoch {start_epoch - 1}: "
+            self.say(f"[densenet_ray] resumed run {cfg.run_name!r} from its checkpoint after epoch {start_epoch - 1}: "
                      f"continuing with epoch {start_epoch} of {cfg.epochs}")
             for metrics in history:  # an epoch whose MLflow points were lost in a crash; the rest are skipped
                 self.run.log_epoch(metrics["epoch"], metrics)
         self.history = list(history)
 
-    def epoch_end(self, metrics: dict, state: dict) -> None:
+    def say(self, line: str) -> None:
+        say(self.console, line)
+
+    def step(self, report: dict, line: str) -> None:
+        """A progress report: the console line, and step-level metrics at MLflow step = global step
+        (a step the run already has, from before a resume, is not logged again)."""
+        say(self.console, line, progress=True)
+        self.run.log_epoch(report["global_step"], {k: report[k] for k in
+                                                   ("step_train_loss", "step_images_per_s", "step_data_wait_frac", "step_lr")})
+
+    def epoch_end(self, metrics: dict, first_batch_share: float, state: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             checkpoint.save(state, folder)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -323,7 +379,9 @@ class Publisher:
         self.history.append(metrics)
         done = metrics["epoch"] + 1 - self.start_epoch
         eta = (time.perf_counter() - self.started) / done * (self.cfg.epochs - metrics["epoch"] - 1)
-        log.info(format_line(metrics, self.cfg.epochs, eta))
+        self.say(format_line(metrics, self.cfg.epochs, eta))
+        if hint := stall_hint(metrics["data_wait_frac"], first_batch_share):
+            self.say(f"  {hint}")
 
     def finish(self, net, example: torch.Tensor | None, selected: dict | None, test: dict | None) -> None:
         """Curves, the selected epoch and the test errors on the run, its model in the registry, the
@@ -331,7 +389,7 @@ class Publisher:
         finished the run, and was resubmitted)."""
         cfg = self.cfg
         if self.start_epoch >= cfg.epochs:
-            log.info(f"[densenet_ray] run {cfg.run_name!r} had checkpointed all its {cfg.epochs} epochs "
+            self.say(f"[densenet_ray] run {cfg.run_name!r} had checkpointed all its {cfg.epochs} epochs "
                      "before it was interrupted: finishing it")
         if example is None or selected is None:  # no epoch at all (epochs=0)
             self.run.finish()
@@ -341,7 +399,7 @@ class Publisher:
         self.run.set_tags(chosen)
         if test:  # once, at the step of the epoch whose weights it measures
             self.run.log_epoch(selected["epoch"], test)
-            log.info(f"[densenet_ray] test ({cfg.test_split}, {test['test_images']} images, weights of epoch "
+            self.say(f"[densenet_ray] test ({cfg.test_split}, {test['test_images']} images, weights of epoch "
                      f"{selected['epoch'] + 1}, --select {cfg.select}): top-1 error {test['test_top1_err']:.4f}, "
                      f"top-5 error {test['test_top5_err']:.4f}")
         if not self.meta["register"]:
@@ -359,7 +417,7 @@ class Publisher:
             input_example=example.float().numpy(), val_top1_err=val_err, extra=extra,
             dataset=registry.Evaluated(self.meta["dataset"], self.meta["fingerprint"], cfg.val_split))
         self.run.finish()
-        log.info(f"[densenet_ray] registered {cfg.registered_model!r} version {version} ("
+        self.say(f"[densenet_ray] registered {cfg.registered_model!r} version {version} ("
                  + (f"val top-1 error {val_err:.4f}" if val_err is not None else "no validation: not a champion")
                  + f", epoch {selected['epoch'] + 1}); MLflow run {self.run.run_id}")
 
@@ -371,12 +429,7 @@ def format_line(m: dict, epochs: int, eta_s: float) -> str:
     else:
         errors = f"top1 err {m['train_top1_err']:.4f} (train)  top5 err {m['train_top5_err']:.4f}"
     return (f"epoch {m['epoch'] + 1:>3}/{epochs}  loss {m['train_loss']:.4f}  {errors}  lr {m['lr']:.4g}  "
-            f"{m['images_per_s']:.0f} img/s  data wait {m['data_wait_s']:.1f}s  ETA {_duration(eta_s)}")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(math.ceil(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+            f"{m['images_per_s']:.0f} img/s  data wait {m.get('data_wait_frac', 0):.0%}  ETA {duration(eta_s)}")
 
 
 def _device_name(device) -> str:

@@ -9,6 +9,7 @@ join the cluster there is, else start a local Ray on this machine sized for the 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -19,16 +20,21 @@ class ClusterError(ValueError):
     """A Ray cluster that cannot run the job as asked; the message says what to change."""
 
 
-def connect(cpus: float = 0) -> None:
+def connect(cpus: float = 0, *, quiet: bool = False) -> None:
     """Join the running cluster (`ray job submit`, RAY_ADDRESS, `ray start` on this machine), else
     start a local Ray with max(cores, `cpus`) logical CPUs. A cluster that `ray start` recorded
     here but that no longer answers (stopped without `ray stop`) is passed over, with a message."""
     if ray.is_initialized():
         return
-    local = {"num_cpus": max(os.cpu_count() or 1, int(-(-cpus // 1)))}
+    # quiet: Ray's own info lines (start-up, dashboard address) off, and Ray Data's in this job's workers
+    # ("Dataset ... execution finished" from every epoch's coordinator); their warnings stay
+    level = {"logging_level": logging.WARNING if quiet else logging.INFO}
+    if quiet and "RAY_DATA_LOG_LEVEL" not in os.environ:  # merged per variable with a submitted job's own
+        level["runtime_env"] = {"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}}
+    local = {"num_cpus": max(os.cpu_count() or 1, int(-(-cpus // 1))), **level}
     recorded = recorded_cluster()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(**level)
     elif recorded and not _answers(recorded):
         print(f"[densenet_ray] the Ray cluster recorded at {recorded} does not answer (stopped without "
               f"`ray stop`?); starting a local Ray instead", flush=True)
@@ -39,7 +45,7 @@ def connect(cpus: float = 0) -> None:
         except ValueError as err:  # "When connecting to an existing cluster, num_cpus ... must not be provided"
             if "existing cluster" not in str(err):
                 raise
-            ray.init()
+            ray.init(**level)
 
 
 def recorded_cluster_file() -> str:

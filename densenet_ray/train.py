@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 from densenet_ray import checkpoint, runtime, storage
 from densenet_ray import config as C
 from densenet_ray import data
+from densenet_ray.console import Console, quiet_libraries
 from densenet_ray.data import sources, write
 from densenet_ray.loop import train_loop
 from densenet_ray.tracking.runlog import RunLogger, run_status
@@ -50,11 +51,19 @@ def prepare_data(cfg: C.TrainConfig) -> data.Manifest:
     return m
 
 
-def print_config(cfg: C.TrainConfig) -> None:
+def print_config(cfg: C.TrainConfig, width: int = 110) -> None:
+    """Every field, name=value, packed into lines of at most `width` characters (one field per line
+    when it is longer)."""
     print("[densenet_ray] configuration:")
+    line = ""
     for name, value in C.to_dict(cfg).items():
-        print(f"  {name:<20} {value}")
-    print(f"  {'(lr at batch)':<20} {cfg.lr_scaled:g} for {cfg.batch_size} images"
+        item = f"{name}={value}"
+        if line and len(line) + 2 + len(item) > width:
+            print(line)
+            line = ""
+        line = f"{line}  {item}" if line else f"  {item}"
+    print(line)
+    print(f"  lr {cfg.lr_scaled:g} at batch {cfg.batch_size}"
           + (f", warm-up {cfg.warmup:g} epochs" if cfg.warmup else ""), flush=True)
 
 
@@ -63,7 +72,7 @@ def connect(cfg: C.TrainConfig, concurrent: int = 1) -> None:
     reservation plus two for Ray Data's read and decode tasks (the OS shares the cores), and a
     cluster without a spare CPU is refused before the input pipeline can wait forever."""
     reserved = concurrent * cfg.workers * cfg.cpus_per_worker
-    runtime.connect(cpus=reserved + 2)
+    runtime.connect(cpus=reserved + 2, quiet=not cfg.verbose)
     runtime.require_spare_cpu(reserved, who=f"{concurrent * cfg.workers} training workers",
                               change="lower --cpus-per-worker or --workers")
 
@@ -124,11 +133,14 @@ def open_run(cfg: C.TrainConfig, uri: str, manifest: data.Manifest, tags: dict |
 
 
 def make_trainer(cfg: C.TrainConfig, manifest: data.Manifest, uri: str, run_id: str, *, callbacks=(),
-                 register: bool = True):
+                 register: bool = True, console=None):
     """The TorchTrainer for one training run; `register=False` leaves the final model out of the
-    registry (Tune trials: the sweep registers its best)."""
-    # The datasets run again every epoch: their start and plan lines would bury the epoch lines.
-    ray.data.DataContext.get_current().print_on_execution_start = False
+    registry (Tune trials: the sweep registers its best). `console`: the driver's Console handle
+    that rank 0's lines go to."""
+    # The datasets run again every epoch: their start, plan and progress-bar lines would bury ours.
+    context = ray.data.DataContext.get_current()
+    context.print_on_execution_start = False
+    context.enable_progress_bars = cfg.verbose
     size, run_dir = cfg.image_size, f"{cfg.storage.rstrip('/')}/{cfg.run_name}"
     datasets = {"train": data.read_split(cfg.data, cfg.train_split, cfg.train_transform, image_size=size,
                                          order=cfg.shuffle, seed=cfg.seed, manifest=manifest)}
@@ -144,13 +156,15 @@ def make_trainer(cfg: C.TrainConfig, manifest: data.Manifest, uri: str, run_id: 
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": C.to_dict(cfg), "meta": meta},
+        train_loop_config={"cfg": C.to_dict(cfg), "meta": meta, "console": console},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=cfg.placement_strategy),
         run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=cfg.storage, callbacks=list(callbacks),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       # per-report dumps, checkpoint paths, worker-group start-up: --verbose
+                                       logging_config=ray.train.LoggingConfig("INFO" if cfg.verbose else "WARNING")),
         datasets=datasets,
         # Each (re)start of the workers reads the train split in the order of the epoch it resumes.
         dataset_config=data.dataset_config(first_epoch=partial(checkpoint.next_epoch, run_dir)),
@@ -188,15 +202,19 @@ def run(cfg: C.TrainConfig):
               f"another --run-name.", flush=True)
         return None
     runlog = open_run(cfg, uri, manifest)
+    console = Console.open()
     try:
-        return make_trainer(cfg, manifest, uri, runlog.run_id).fit()
+        return make_trainer(cfg, manifest, uri, runlog.run_id, console=console.handle).fit()
     except BaseException:
         runlog.finish("FAILED", wait_s=5)
         raise
+    finally:
+        console.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = C.from_args(sys.argv[1:] if argv is None else argv)
+    quiet_libraries(cfg.verbose)
     print_config(cfg)
     try:
         result = run(cfg)

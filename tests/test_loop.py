@@ -95,7 +95,7 @@ def test_epoch_metrics_are_exact_means_of_the_summed_counts():
     m = epoch_metrics(sums, world=2, epoch=4, lr=0.01, epoch_s=12.0)
     assert m == pytest.approx({"epoch": 4, "train_loss": 1.0, "train_top1_err": 0.4, "train_top5_err": 0.1,
                                "val_loss": 0.4, "val_top1_err": 0.25, "val_top5_err": 0.05, "lr": 0.01,
-                               "images_per_s": 10.0, "data_wait_s": 1.5, "epoch_s": 12.0, "train_images": 50,
+                               "images_per_s": 10.0, "images_per_s_per_worker": 5.0, "data_wait_s": 1.5, "epoch_s": 12.0, "train_images": 50,
                                "val_images": 20})
     with pytest.raises(RuntimeError, match="epoch 4: no validation images reached the workers"):
         epoch_metrics({**sums, "val_images": 0.0}, 2, 4, 0.01, 1.0)

@@ -46,3 +46,22 @@ def test_mlflow_system_metrics_monitor():  # tracking.runlog.RunLogger
 
     assert {"run_id", "resume_logging", "tracking_uri"} <= set(inspect.signature(SystemMetricsMonitor).parameters)
     assert callable(SystemMetricsMonitor.start) and callable(SystemMetricsMonitor.finish)
+
+
+def test_ray_train_report_logger_named_by_file():  # console.quiet_libraries
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    assert context.logger is logging.getLogger(context.__file__)
+
+
+def test_ray_data_split_coordinator_stats():  # loop.pipeline_figures
+    from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator, SplitCoordinator
+    from ray.data._internal.stats import DatasetStatsSummary, OperatorStatsSummary
+
+    assert "_coord_actor" in inspect.getsource(StreamSplitDataIterator.__init__)
+    assert callable(SplitCoordinator.stats)
+    assert "operators_stats" in DatasetStatsSummary.__dataclass_fields__
+    assert {"wall_time", "output_size_bytes"} <= set(OperatorStatsSummary.__dataclass_fields__)
+    assert isinstance(OperatorStatsSummary.num_rows_per_s, property)

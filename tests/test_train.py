@@ -1,8 +1,6 @@
 """Training end to end on a real local Ray, real Parquet shards and a real MLflow store: the README's
 digits job, resuming after a killed worker and a killed driver, the imagenet preset, bad input."""
 
-import contextlib
-import io
 import os
 import signal
 import subprocess
@@ -65,15 +63,18 @@ def val_error_of(model, root: str, image_size: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def demo(digits_data, tmp_path_factory):
-    """The README's main job, run once for the tests below: 2 workers, 15 epochs."""
+def demo(digits_data, tmp_path_factory, ray_local):
+    """The README's main job, run once for the tests below: 2 workers, 15 epochs, as its own driver
+    process whose console (stdout and stderr, Ray's forwarded worker lines included) is captured;
+    progress every second, so that even an epoch of seconds shows some."""
     tmp = tmp_path_factory.mktemp("demo")
     places = {"storage": str(tmp / "runs"), "uri": f"sqlite:///{tmp}/mlflow.db"}
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = train.main(flags(digits_data, places, "--run-name", "demo", "--max-failures", "0"))
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    argv = flags(digits_data, places, "--run-name", "demo", "--max-failures", "0", "--progress-s", "1")
+    done = subprocess.run([sys.executable, "-m", "densenet_ray.train", *argv], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=2400)
     client, run = the_run(places["uri"], "demo")
-    return {"rc": rc, "out": out.getvalue(), "places": places, "client": client, "run": run}
+    return {"rc": done.returncode, "out": done.stdout, "places": places, "client": client, "run": run}
 
 
 @pytest.mark.slow
@@ -82,6 +83,49 @@ def test_digits_demo_trains_to_95_percent(demo):
     assert "configuration:" in demo["out"] and "done: 'demo', 15 epochs" in demo["out"]
     assert demo["run"].info.status == "FINISHED"
     assert demo["run"].data.metrics["val_top1_err"] <= 0.05
+
+
+NOISE = ("Reporting training result", "TrainingReport(", "Checkpoint successfully created", "Grad strides do not match",
+         "exclude_resources", "tqdm is not installed", "Setting up process group", "Moving model to device",
+         "Started monitoring system metrics")
+
+
+def progress_line(line: str) -> bool:
+    return line.startswith("epoch ") and " step " in line and "run ETA" in line
+
+
+@pytest.mark.slow
+def test_digits_demo_console_shows_progress_and_nothing_of_the_libraries(demo):
+    out, lines = demo["out"], demo["out"].splitlines()
+    epoch_lines = [i for i, line in enumerate(lines) if line.startswith("epoch ") and "  loss " in line
+                   and "(train/val)" in line]
+    assert len(epoch_lines) == 15, "\n".join(lines)
+    waiting = next(i for i, line in enumerate(lines) if "waiting for the first batch" in line)
+    first_progress = next(i for i, line in enumerate(lines) if progress_line(line))
+    assert waiting < first_progress < epoch_lines[0]
+    assert "step  1/22" in lines[first_progress]  # from the first step: 1,437 images / 64 = 22 steps
+    assert [n for n in NOISE if n in out] == []
+    ours = [line for line in lines if not progress_line(line)]
+    assert len(ours) <= 60, f"{len(ours)} lines besides progress:\n" + "\n".join(ours)
+
+
+@pytest.mark.slow
+def test_digits_demo_logs_step_and_stall_telemetry_to_mlflow(demo):
+    client, run_id = demo["client"], demo["run"].info.run_id
+    history = {key: client.get_metric_history(run_id, key)
+               for key in ("step_train_loss", "step_images_per_s", "step_data_wait_frac", "step_lr")}
+    steps = [m.step for m in history["step_train_loss"]]
+    assert len(steps) >= 15 and len(set(steps)) == len(steps) and max(steps) <= 15 * 22
+    for key, points in history.items():
+        assert [m.step for m in points] == steps, key  # every report logs all four at the same global step
+    assert all(0 <= m.value <= 1 for m in history["step_data_wait_frac"])
+    assert all(m.value > 0 for m in history["step_images_per_s"] + history["step_lr"])
+    assert_each_epoch_once(client, demo["run"], 15)
+    for key in ("data_wait_frac", "images_per_s_per_worker", "input_rows_per_s", "input_task_s"):
+        points = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in points) == list(range(15)), key
+        assert all(m.value >= 0 for m in points), key
+    assert all(0 <= m.value <= 1 for m in client.get_metric_history(run_id, "data_wait_frac"))
 
 
 @pytest.mark.slow
@@ -161,7 +205,8 @@ def train_workers() -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_killed_worker_resumes_from_the_last_checkpoint(digits_data, places):
-    cfg = C.from_args(flags(digits_data, places, "--run-name", "fault", "--epochs", "5", "--max-failures", "2"))
+    cfg = C.from_args(flags(digits_data, places, "--run-name", "fault", "--epochs", "5", "--max-failures", "2",
+                            "--progress-s", "1"))
     thread, box = train_in_thread(cfg)
     wait_for_checkpoint(places["storage"], "fault", 1)
     victims = train_workers()
@@ -176,6 +221,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(digits_data, places):
     assert_each_epoch_once(client, run, 5)
     resumed_after = int(run.data.tags["densenet_ray.resumed_after_epoch"])
     assert resumed_after >= 1, "restarted from scratch instead of the last checkpoint"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "step_train_loss")]
+    assert steps and len(set(steps)) == len(steps), "step metrics of the replayed stretch logged twice"
 
 
 @pytest.mark.slow

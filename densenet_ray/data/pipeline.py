@@ -193,6 +193,19 @@ class _Shares(DataConfig):
         super().__init__(**kwargs)
         self._equal, self._first_epoch = tuple(equal), first_epoch
 
+    @staticmethod
+    def default_ingest_options():
+        # Ray Train's default copies exclude_resources into every dataset's options even when unset, and
+        # Ray Data warns on each worker start that the option is deprecated: pass it only when set.
+        from ray.data import DataContext, ExecutionOptions
+        from ray.data._internal.execution.interfaces import ExecutionResources
+
+        ctx = DataContext.get_current().execution_options
+        excluded = ctx.exclude_resources
+        return ExecutionOptions(resource_limits=ctx.resource_limits, preserve_order=ctx.preserve_order,
+                                verbose_progress=ctx.verbose_progress,
+                                **({} if excluded == ExecutionResources.zero() else {"exclude_resources": excluded}))
+
     def _resolve_execution_options(self, name):
         options = super()._resolve_execution_options(name)
         options.preserve_order = options.preserve_order or name in self._equal

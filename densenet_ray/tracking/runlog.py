@@ -133,7 +133,7 @@ class RunLogger:
                                     f"{uri} ({e.message}); was the checkpoint written with "
                                     "another --mlflow-tracking-uri?") from None
             client.update_run(run_id, status="RUNNING")
-            _log.info("continuing MLflow run %s (%s)", run_id, run.info.run_name)
+            _log.debug("continuing MLflow run %s (%s)", run_id, run.info.run_name)
         self = cls(client, uri, exp_id, run.info.run_id, step_timeout_s=step_timeout_s)
         self._log_params(run.data.params, _flatten(params))
         all_tags = [RunTag(k, str(v)) for k, v in {**environment_tags(), **(tags or {})}.items()]
