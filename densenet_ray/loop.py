@@ -98,8 +98,10 @@ def train_loop(config: dict) -> None:
                        **{f"val_{k}": v for k, v in val_counts.items()},
                        "data_wait_s": data_wait, "train_s": train_s}, device)
         metrics = epoch_metrics(sums, world, epoch, optimizer.param_groups[0]["lr"], time.perf_counter() - t0)
-        # Rows that failed to decode (shards not made by our converter), since this job started.
+        # Rows skipped (undecodable, a label outside the classes, an unreadable row group), since this job started.
         metrics["skipped_rows"] = sum(data.skipped_rows(cfg.data, s) for s in (cfg.train_split, cfg.val_split) if s)
+        if rank == 0 and (notes := data.new_skipped_notes(cfg.data, (cfg.train_split, cfg.val_split))):
+            log.warning(f"[densenet_ray] warning: epoch {epoch + 1} skipped rows:\n  " + "\n  ".join(notes))
         history = history + [metrics]
         if cfg.select == "best":  # a CPU copy of the weights only when they can be chosen
             best = better(best, metrics, net)
