@@ -267,3 +267,18 @@ def test_the_checkpoint_fixture_is_loadable(tmp_path):
     assert m.num_classes == 3 and m.channels == 1
     state, _ = checkpoint.load(str(path))
     checkpoint.check_training_state(state, str(path))
+
+
+def test_evaluate_leaves_bad_rows_out_and_names_them(ray_local, tmp_path):
+    from densenet_ray import evaluate
+
+    labels = [i % 3 for i in range(ROWS)]
+    labels[7] = 999
+    root = foreign_dataset(tmp_path / "ds", labels, statistics=False)
+    model = trained.load(str(save_run(tmp_path, state_of())))
+    results = evaluate.evaluate(model, str(root), "train", actors=1)
+    assert results["single"]["images"] == ROWS - 1 and results["single"]["skipped"] == 1
+    assert "skipped_notes" not in "".join(evaluate.metric_names(results, "train"))
+    text = evaluate.report(model, results, str(root), "train")
+    assert "(1 skipped, left out)" in text
+    assert "skipped: split 'train', key k7: label 999 is not a class (expected 0..2), skipped" in text
