@@ -103,7 +103,30 @@ def load(source: str, *, trust_pickle: bool = False) -> tuple[dict, str]:
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{source}: {file} is not a readable checkpoint: {e}") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
-        found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        found = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{source}: {file} is not a densenet_ray checkpoint: expected a dict with 'model' and "
                               f"'config' (what densenet_ray.train writes), found {found}")
+    if not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
+        raise CheckpointError(f"{source}: {file} is not a densenet_ray checkpoint: fields config and model must be "
+                              f"dicts, found {type(state['config']).__name__} and {type(state['model']).__name__}")
     return state, storage.uri_of(file, like=str(source))
+
+
+# What a run resumes with, beyond the weights and config every loader needs: name -> accepted types.
+TRAINING_FIELDS = {"optimizer": dict, "scaler": dict, "epoch": int, "history": list, "classes": (list, tuple)}
+
+
+def check_training_state(state: dict, file: str) -> None:
+    """CheckpointError naming `file` unless `state` (from load) holds every field a resumed run reads,
+    of the right kind: a checkpoint edited by hand or written by something else is refused on the
+    driver, not found wanting by a worker halfway through restoring it."""
+    problems = [f"{name} is missing" if name not in state else f"{name} is a {type(state[name]).__name__}"
+                for name, kind in TRAINING_FIELDS.items() if not isinstance(state.get(name), kind)
+                or isinstance(state.get(name), bool)]
+    if not problems and (state["epoch"] < 0 or len(state["history"]) != state["epoch"] + 1
+                         or not all(isinstance(m, dict) and m.get("epoch") == i for i, m in enumerate(state["history"]))):
+        problems.append(f"epoch {state['epoch']} and history ({len(state['history'])} epochs) disagree: expected one "
+                        "metrics dict per epoch 0..epoch, each with its epoch")
+    if problems:
+        raise CheckpointError(f"{file} is not a checkpoint a run can resume from: {'; '.join(problems)}; expected "
+                              "what densenet_ray.train writes (" + ", ".join(TRAINING_FIELDS) + ", model, config)")

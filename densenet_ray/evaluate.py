@@ -69,7 +69,9 @@ def evaluate(model: trained.Model, root: str | None = None, split: str | None = 
              actors: int | None = None, batch_size: int = 64) -> dict[str, dict]:
     """{"single": metrics, "tencrop": metrics (when ten_crop)} for `model` on `split` (default: the
     run's validation split) of the dataset at `root` (default: the training data); metrics are
-    top1_err, top5_err, loss, images and skipped (rows that failed to decode). Needs Ray."""
+    top1_err, top5_err, loss, images and skipped (rows that failed to decode, carry a label outside
+    the classes or sit in a row group that cannot be read), and skipped_notes (why, for people).
+    Needs Ray."""
     root = root or model.config.data
     split = split or default_split(model)
     manifest = data.load_manifest(root)
@@ -85,7 +87,8 @@ def evaluate(model: trained.Model, root: str | None = None, split: str | None = 
         if n == 0:
             raise data.DataError(f"{manifest.root}: no image of split {split!r} could be decoded ({rows} rows)")
         results[kind] = {"top1_err": 1 - sums["top1"] / n, "top5_err": 1 - sums["top5"] / n,
-                         "loss": sums["nll"] / n, "images": int(n), "skipped": int(rows - n)}
+                         "loss": sums["nll"] / n, "images": int(n), "skipped": int(rows - n),
+                         "skipped_notes": data.skipped_notes(manifest.root, split) if rows > n else []}
     return results
 
 
@@ -105,14 +108,16 @@ def metric_names(results: dict[str, dict], split: str) -> dict[str, float]:
     """{"eval_val_top1_err": ..., "eval_val_tencrop_top1_err": ...}: MLflow metric names."""
     split = split.replace("+", "_")
     return {f"eval_{split}{'' if kind == 'single' else '_' + kind}_{key}": value
-            for kind, metrics in results.items() for key, value in metrics.items() if key != "skipped"}
+            for kind, metrics in results.items() for key, value in metrics.items()
+            if key not in ("skipped", "skipped_notes")}
 
 
 def report(model: trained.Model, results: dict[str, dict], root: str, split: str) -> str:
     """The table people read: one line per protocol, and training's own numbers on the same split."""
     single = results["single"]
     lines = [f"[densenet_ray] {model.name} on {root} split {split!r}: {single['images']} images"
-             + (f" ({single['skipped']} failed to decode, left out)" if single["skipped"] else ""),
+             + (f" ({single['skipped']} skipped, left out)" if single["skipped"] else ""),
+             *(f"  skipped: {note}" for note in single.get("skipped_notes", [])[:10]),
              f"{'':<18}{'top-1 err':>10}{'top-5 err':>11}{'loss':>9}"]
     for kind, label in (("single", "single-crop"), ("tencrop", "10-crop")):
         if kind in results:

@@ -189,6 +189,16 @@ def load(path: str) -> torch.nn.Module:
     raise ValueError(f"{path}.json: field format is {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
+def check_out(out: str, overwrite: bool) -> None:
+    """ModelError unless `out` and its sidecar can be written: not a folder, not there (or `overwrite`)."""
+    for path in (out, out + ".json"):
+        if os.path.isdir(path):
+            raise cli.ModelError(f"--out {out}: {path} is a folder; expected a file name, e.g. {out.rstrip('/')}/model"
+                                 ".pt2")
+        if os.path.lexists(path) and not overwrite:
+            raise cli.ModelError(f"--out {out}: {path} exists; pass --overwrite to replace it, or choose another name")
+
+
 def default_out(model: trained.Model, fmt: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", model.name).strip("-") + FORMATS[fmt]
 
@@ -200,14 +210,20 @@ def main(argv: list[str] | None = None) -> int:
                    "the sidecar is FILE.json")
     p.add_argument("--stats", metavar="DATASET", help="dataset whose mean/std go into the sidecar (default: the "
                    "training data's, read from the run's config)")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE and FILE.json when they exist")
     args = p.parse_args(argv)
     try:
+        if args.out:  # before the model loads: seconds, not minutes, to learn the name is taken
+            check_out(args.out, args.overwrite)
         model = trained.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
         mean, std, where = trained.normalization(model, given=load_manifest(args.stats) if args.stats else None)
         out = args.out or default_out(model, args.format)
+        check_out(out, args.overwrite)
         diff = export(model, args.format, out, mean, std)
     except (*cli.ERRORS, ValueError) as err:
         return cli.error(err)
+    except OSError as err:  # a folder we may not write to, a full disk: the path and the reason
+        return cli.error(f"--out {out}: {err.strerror or err}")
     print(f"[densenet_ray] {model.name} -> {out} ({args.format}) and {out}.json (architecture, classes, "
           f"mean/std of {where}); read back: max |output difference| {diff:.2g}")
     return 0

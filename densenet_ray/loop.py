@@ -110,8 +110,10 @@ def train_loop(config: dict) -> None:
         first_batch_share = meter.first_wait / data_wait if data_wait > 0 else 0.0
         if publisher:
             metrics.update(pipeline_figures(train_shard))
-        # Rows that failed to decode (shards not made by our converter), since this job started.
+        # Rows skipped (undecodable, a label outside the classes, an unreadable row group), since this job started.
         metrics["skipped_rows"] = sum(data.skipped_rows(cfg.data, s) for s in (cfg.train_split, cfg.val_split) if s)
+        if publisher and (notes := data.new_skipped_notes(cfg.data, (cfg.train_split, cfg.val_split))):
+            publisher.say(f"[densenet_ray] warning: epoch {epoch + 1} skipped rows:\n  " + "\n  ".join(notes))
         history = history + [metrics]
         if cfg.select == "best":  # a CPU copy of the weights only when they can be chosen
             best = better(best, metrics, net)

@@ -22,7 +22,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from densenet_ray import checkpoint, runtime, storage
+from densenet_ray import checkpoint, runtime, storage, trained
 from densenet_ray import config as C
 from densenet_ray import data
 from densenet_ray.console import Console, quiet_libraries
@@ -196,6 +196,8 @@ def run(cfg: C.TrainConfig):
     Result, or None when the run had already finished (nothing trained, nothing recorded again)."""
     uri, manifest = preflight(cfg)
     cfg = cfg.replace(registered_model=registered_name(cfg, manifest))
+    # The checkpoint it resumes from, checked here: workers failing on it would be restarted into it.
+    trained.check_resume(f"{cfg.storage.rstrip('/')}/{cfg.run_name}", cfg, manifest.classes)
     if run_id := finished_run(cfg, uri):
         print(f"[densenet_ray] run {cfg.run_name!r} already finished its {cfg.epochs} epochs (MLflow run {run_id}, "
               f"checkpoints in {os.path.join(cfg.storage, cfg.run_name)}); nothing to do. To train again, pass "

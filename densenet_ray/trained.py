@@ -20,6 +20,8 @@ theirs (checkpoint.py, tracking/registry.py); this module only puts what they gi
 
 from __future__ import annotations
 
+import math
+import posixpath
 import sys
 from dataclasses import dataclass, field
 
@@ -29,7 +31,7 @@ from densenet_ray import checkpoint
 from densenet_ray.cli import ModelError
 from densenet_ray.config import TrainConfig, from_dict, to_dict
 from densenet_ray.data import DataError, load_manifest
-from densenet_ray.model import DenseNet, from_config
+from densenet_ray.model import DenseNet, arch_kwargs, cifar_blocks, from_config
 from densenet_ray.tracking import registry, results
 from densenet_ray.tracking.uri import TrackingError, resolve_tracking_uri
 
@@ -92,13 +94,9 @@ def load(source: str, *, tracking_uri: str | None = None, trust_pickle: bool = F
 def rebuild(state: dict, source: str = "model spec") -> DenseNet:
     """The eval-mode DenseNet that `state`'s config describes (a checkpoint's state, a Model.spec()),
     with its weights state["model"]; class and channel counts come from the weights themselves.
-    ModelError, naming `source`, when they do not fit."""
+    ModelError, naming `source`, when they do not fit (checked before anything is allocated)."""
+    num_classes, channels = check_weights(state.get("config"), state.get("model"), source)
     weights, cfg = state["model"], from_dict(state["config"])
-    try:
-        num_classes, channels = weights["classifier.weight"].shape[0], weights["features.conv0.weight"].shape[1]
-    except (KeyError, TypeError, AttributeError, IndexError):
-        raise ModelError(f"{source}: its weights are not a densenet_ray DenseNet's (no classifier.weight / "
-                         "features.conv0.weight in the state dict)") from None
     try:
         net = from_config(cfg, int(num_classes), int(channels), inference=True)
         net.load_state_dict(weights)
@@ -106,6 +104,82 @@ def rebuild(state: dict, source: str = "model spec") -> DenseNet:
         raise ModelError(f"{source}: its weights do not fit the architecture in its config (arch={cfg.arch!r}, "
                          f"depth={cfg.depth}, growth_rate={cfg.growth_rate}): {str(e)[:600]}") from None
     return net.eval()
+
+
+def check_weights(config, weights, source: str) -> tuple[int, int]:
+    """(classes, channels) when `weights` (a state dict) are exactly those of the network `config`
+    (a config dict) describes, else ModelError naming `source`. Compared before any network is
+    built for real: the expected shapes come from a build on the meta device (no memory), after a
+    layer count from the config alone, so that a crafted config cannot make us allocate (or spend
+    minutes building) a huge network whatever weights come with it."""
+    if not (isinstance(weights, dict) and weights and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                          for k, v in weights.items())):
+        raise ModelError(f"{source}: its weights (field model) are not a state dict of named tensors")
+    for name, t in weights.items():  # a stride-0 view can claim a billion elements over 4 bytes
+        if t.numel() and t.untyped_storage().nbytes() < t.numel() * t.element_size():
+            raise ModelError(f"{source}: weight {name!r} claims shape {list(t.shape)} but its data holds "
+                             f"{t.untyped_storage().nbytes()} bytes; refused")
+    try:
+        num_classes, channels = int(weights["classifier.weight"].shape[0]), int(weights["features.conv0.weight"].shape[1])
+    except (KeyError, IndexError):
+        raise ModelError(f"{source}: its weights are not a densenet_ray DenseNet's (no classifier.weight / "
+                         "features.conv0.weight in the state dict)") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{source}: its config is a {type(config).__name__}; expected the training run's "
+                         "configuration (a dict, as config.to_dict writes it)")
+    try:
+        cfg = from_dict(config)
+        described = f"arch={cfg.arch!r}, depth={cfg.depth}, growth_rate={cfg.growth_rate}"
+        kwargs = {**arch_kwargs(cfg.arch), **cfg.model_overrides(inference=True)}
+        blocks = kwargs.get("block_config") or cifar_blocks(kwargs["depth"], kwargs["bottleneck"])
+        # Every dense layer has a norm (5 entries) and a conv: more layers than entries cannot fit.
+        if sum(blocks) > len(weights):
+            raise ModelError(f"{source}: its config ({described}) describes {sum(blocks):,} dense layers, but its "
+                             f"weights hold {len(weights)} tensors; refused before building anything")
+        with torch.device("meta"):
+            expected = from_config(cfg, num_classes, channels, inference=True).state_dict()
+    except ModelError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise ModelError(f"{source}: its config describes no DenseNet we can build: {str(e)[:400]}") from None
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if want != got:
+        count = lambda shapes: sum(math.prod(s) for s in shapes.values())  # noqa: E731
+        wrong = [f"{k} {list(got[k])} (expected {list(want[k])})" for k in want if k in got and got[k] != want[k]]
+        missing, extra = [k for k in want if k not in got], [k for k in got if k not in want]
+        detail = "; ".join(part for part in (
+            f"{len(wrong)} of other shape: {', '.join(wrong[:3])}" if wrong else "",
+            f"{len(missing)} missing: {', '.join(missing[:3])}" if missing else "",
+            f"{len(extra)} unexpected: {', '.join(extra[:3])}" if extra else "") if part)
+        raise ModelError(f"{source}: its weights do not fit the architecture in its config ({described}): the "
+                         f"config describes {count(want):,} values in {len(want)} tensors, the weights hold "
+                         f"{count(got):,} in {len(got)}; {detail}")
+    return num_classes, channels
+
+
+def check_resume(run_dir: str, cfg: TrainConfig, classes: list[str]) -> None:
+    """On the driver, before any worker starts: the checkpoint a run resumes from (the newest in
+    `run_dir`, if any) loads without pickle, holds what training saves, has weights that fit its
+    config, and is of this run's model and classes. A worker that failed on it would be restarted
+    by Ray Train into the same file, again and again. No fallback to an older checkpoint: a state.pt
+    that changed under us is for people to look at, not to step around (and Ray Train resumes from
+    the one it registered last, whatever we pick)."""
+    from densenet_ray.loop import check_resumable  # ray.train: only the driver of a training run needs it
+
+    found = checkpoint.newest(run_dir)
+    if found is None:
+        return
+    advice = (f"run {cfg.run_name!r} would resume from it; restore it, or pass another --run-name to start a "
+              f"new run (its folder {posixpath.dirname(found)} is where Ray Train resumes from)")
+    try:
+        state, _ = checkpoint.load(found)
+        checkpoint.check_training_state(state, found)
+        check_weights(state["config"], state["model"], found)
+        check_resumable(state, cfg, {"classes": list(classes)})
+    except (ValueError, ModelError) as e:   # CheckpointError is a ValueError, so is check_resumable's
+        message = str(e) if found in str(e) else f"{found}: {e}"
+        raise checkpoint.CheckpointError(f"{message}\n  {advice}") from None
 
 
 def class_probabilities(net: torch.nn.Module, images: torch.Tensor, mean, std) -> torch.Tensor:

@@ -7,7 +7,7 @@
     for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=256):
         x = batch["image"]       # uint8 (N, H, W, C): normalise on the device with m.mean / m.std
         y = batch["label"]       # int64 (N,)
-    skipped = skipped_rows(root, "train")   # rows that failed to decode so far (cumulative)
+    skipped = skipped_rows(root, "train")   # rows skipped so far (cumulative): see "Bad rows" below
 
 Order: evaluation reads rows as stored. Training (`order=`) reads them in a new order every epoch,
 a function of (seed, epoch) whatever the transform: "rows" is a full permutation of the split's
@@ -21,6 +21,15 @@ The epoch is `first_epoch` plus Ray Data's execution count of the dataset (one e
 epoch), so a resumed run (first_epoch = its next epoch) sees the order it would have seen.
 Random transforms draw fresh crops from OS entropy for every block.
 
+Bad rows: a row whose image does not decode or whose label is not one of the manifest's classes
+(shards from another tool, or edited: the pre-flight check sees labels only through row-group
+statistics, which such shards may lack) is dropped where it is decoded; a row group that pyarrow
+cannot read (a corrupt page, a damaged compressed block) in READ_ATTEMPTS tries is dropped whole.
+Both are counted, with the reason (split and key, or file and row group), in the job's counter
+for (root, split): skipped_rows and skipped_notes read it. Nothing raises in a worker: an
+exception there is a "failed worker" to Ray Train, restarted from the last checkpoint into the
+same bad row, again and again, with the cause under pages of retries.
+
 Why a Datasource of our own (RowGroups) rather than read_parquet + map_batches: in Ray 2.60
 read_parquet lists files through 32 footer-reading actors on every execution (~2 s per epoch on
 a small node), packs reads into 128 MiB units (few tasks for a small split) and decodes in a
@@ -29,9 +38,11 @@ all-to-all operator. RowGroups makes the whole pipeline one operator, reshuffled
 """
 
 import hashlib
+import time
 from functools import partial
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
@@ -47,6 +58,12 @@ from .transforms import TRANSFORMS, output_shape
 
 # What a corrupt image raises inside Pillow, numpy or our shape check: skip the row, not the block.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, Image.DecompressionBombError)
+# What pyarrow raises for a row group it cannot read: a corrupt page or compressed block (OSError,
+# ArrowInvalid), and transient I/O of an object store (OSError) too, hence a few tries before the
+# row group is skipped; a damaged page fails every time.
+READ_ERRORS = (OSError, pa.ArrowException, ValueError)
+READ_ATTEMPTS = 3
+RETRY_S = 0.5   # before the second try; doubled before the third
 
 
 ORDERS = (None, "rows", "row_groups")
@@ -64,7 +81,9 @@ def read_split(root, split, transform, *, image_size=None, order=None, seed=0, f
         (seed, epoch); see the module docstring). first_epoch: the epoch of the first execution.
     with_keys: also give each row its source "key" (a string; for analysis with iter_batches,
         not iter_torch_batches).
-    Rows that fail to decode are dropped one by one and counted: see skipped_rows(root, split).
+    Rows that fail to decode or carry a label outside the manifest's classes are dropped one by
+    one, row groups that cannot be read are dropped whole; all are counted with the reason: see
+    skipped_rows(root, split) and skipped_notes(root, split).
     "imagenet_tencrop" rows hold (10, H, W, C) images.
     """
     if transform not in TRANSFORMS:
@@ -78,21 +97,25 @@ def read_split(root, split, transform, *, image_size=None, order=None, seed=0, f
         raise DataError(f"{m.root}: split {split!r} holds images of different sizes; transform "
                         f"{transform!r} needs image_size=N to give batches one shape")
     fs, paths = m.shard_paths(split)
-    units = [(p, g, sh.rows / sh.row_groups) for p, sh in zip(paths, info.shards) for g in range(sh.row_groups)]
+    units = [(p, g, sh.rows / sh.row_groups, f"{str(m.root).rstrip('/')}/{sh.file}")
+             for p, sh in zip(paths, info.shards) for g in range(sh.row_groups)]
     if not units:
         raise DataError(f"{m.root}: split {split!r} has no rows")
+    counter = _counter(m.root, split)
     decode = {"transform": transform, "size": size, "mode": "L" if m.channels == 1 else "RGB",
               "shape": output_shape(transform, size or info.image_size, m.channels),
-              "counter": _counter(m.root, split)}
-    columns = ["image", "label"] + ["key"] * with_keys
+              "counter": counter, "classes": m.num_classes, "split": split, "keep_key": with_keys}
+    # The key is always read (a few bytes a row): a skipped row is named by it.
+    columns = ["image", "label", "key"]
+    skip = (counter, split)
     if order == "rows":  # read encoded, shuffle every row, then decode
-        source = RowGroups(fs, units, columns, None, seed=None)
+        source = RowGroups(fs, units, columns, None, seed=None, skip=skip)
         ds = ray.data.read_datasource(source, override_num_blocks=len(units))
         # Ray Data reseeds from (seed, execution index) every execution: from (seed, epoch) here.
         ds = ds.random_shuffle(seed=RandomSeedConfig(seed=_seed(seed), reseed_after_execution=True))
         ds = ds.map_batches(decode_batch, fn_kwargs=decode, batch_size=None, batch_format="numpy")
     else:
-        source = RowGroups(fs, units, columns, decode, seed=None if order is None else _seed(seed))
+        source = RowGroups(fs, units, columns, decode, seed=None if order is None else _seed(seed), skip=skip)
         ds = ray.data.read_datasource(source, override_num_blocks=len(units))
         # One operator does all the work; Ray's per-operator reservation would hold half the CPUs back
         # for operators this dataset does not have (measured: one task at a time on a 2-CPU node).
@@ -111,63 +134,120 @@ class RowGroups(ray.data.Datasource):
     parallelism is the number of row groups. Ray asks for the read tasks at every execution,
     i.e. every epoch: with a `seed` they come in the order of (seed, epoch)."""
 
-    def __init__(self, fs, units, columns, decode, seed):
+    def __init__(self, fs, units, columns, decode, seed, skip=None):
         super().__init__()
         self._fs, self._units, self._columns, self._decode, self._seed = fs, units, columns, decode, seed
+        self._skip = skip   # (counter, split): where a row group that cannot be read is counted
         self._row_bytes = int(np.prod(decode["shape"])) if decode else 0
 
     def estimate_inmemory_data_size(self):
-        return int(sum(rows for _, _, rows in self._units) * self._row_bytes) or None
+        return int(sum(unit[2] for unit in self._units) * self._row_bytes) or None
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
         order = range(len(self._units))
         if self._seed is not None:
             epoch = data_context._execution_idx if data_context is not None else 0
             order = np.random.default_rng([self._seed, epoch]).permutation(len(self._units))
-        return [ReadTask(partial(read_row_group, self._fs, path, group, self._columns, self._decode),
-                         BlockMetadata(num_rows=None, size_bytes=int(rows * self._row_bytes) or None,
-                                       exec_stats=None, input_files=[path]),
+        return [ReadTask(partial(read_row_group, self._fs, unit, self._columns, self._decode, self._skip),
+                         BlockMetadata(num_rows=None, size_bytes=int(unit[2] * self._row_bytes) or None,
+                                       exec_stats=None, input_files=[unit[0]]),
                          per_task_row_limit=per_task_row_limit)
-                for path, group, rows in (self._units[i] for i in order)]
+                for unit in (self._units[i] for i in order)]
 
 
-def read_row_group(fs, path, group, columns, decode):
-    """[one block]: row group `group` of the shard at `path`, decoded."""
-    with fs.open_input_file(path) as f:
-        t = pq.ParquetFile(f).read_row_group(group, columns=columns)
+def read_row_group(fs, unit, columns, decode, skip=None):
+    """[one block]: the row group of `unit` (path, group, rows, name for people), decoded; no
+    block, counted in skip = (counter, split), when it cannot be read in READ_ATTEMPTS tries."""
+    path, group, rows, name = unit
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            with fs.open_input_file(path) as f:
+                t = pq.ParquetFile(f).read_row_group(group, columns=columns)
+            break
+        except READ_ERRORS as e:
+            if attempt + 1 < READ_ATTEMPTS:
+                time.sleep(RETRY_S * 2**attempt)
+                continue
+            if skip is None:
+                raise
+            counter, split = skip
+            ray.get(counter.add.remote(int(rows), [f"{name}: row group {group} ({int(rows)} rows of split {split!r}) "
+                                                   f"cannot be read, skipped: {_reason(e)}"]))
+            return []
     if decode is None:
         return [t]
     batch = decode_batch({c: t[c].to_numpy(zero_copy_only=False) for c in columns}, **decode)
     return [BlockAccessor.batch_to_block(batch)]
 
 
-def decode_batch(batch, *, transform, size, mode, shape, counter=None):
-    """Transform one batch of encoded rows; rows that fail are dropped and added to `counter`."""
+def _reason(e, limit=200):
+    """The exception's type and first line, never the data: a reason must not echo a file's bytes."""
+    first = str(e).splitlines()[0][:limit] if str(e) else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def decode_batch(batch, *, transform, size, mode, shape, counter=None, classes=None, split="", keep_key=True):
+    """Transform one batch of encoded rows. Rows whose image fails to decode, or whose label is not
+    in 0..classes-1, are dropped and added to `counter` with the reason (naming the key when the
+    batch has one); `keep_key`: keep the "key" column in the output."""
     fn = TRANSFORMS[transform]
     rng = np.random.default_rng()   # fresh OS entropy: new augmentations every epoch
-    out = np.empty((len(batch["label"]), *shape), np.uint8)
+    labels = np.asarray(batch["label"])
+    out = np.empty((len(labels), *shape), np.uint8)
     keep = np.zeros(len(out), bool)
+    reasons = {}
     for i, data in enumerate(batch["image"]):
+        if classes is not None and not 0 <= labels[i] < classes:
+            # A worker's cross-entropy would raise on it ("Target 999 is out of bounds").
+            reasons[i] = f"label {labels[i]} is not a class (expected 0..{classes - 1})"
+            continue
         try:
             out[i] = fn(data, size, rng, mode)
             keep[i] = True
-        except DECODE_ERRORS:
-            pass
+        except DECODE_ERRORS as e:
+            reasons[i] = f"image does not decode ({_reason(e, 120)})"
+    columns = [k for k in batch if k not in ("image", "label") and (keep_key or k != "key")]
     if keep.all():
-        return {"image": out, **{k: v for k, v in batch.items() if k != "image"}}
+        return {"image": out, "label": labels.astype(np.int64, copy=False), **{k: batch[k] for k in columns}}
     if counter is not None:
-        ray.get(counter.add.remote(int((~keep).sum())))
-    return {"image": out[keep], **{k: np.asarray(v)[keep] for k, v in batch.items() if k != "image"}}
+        keys = batch.get("key")
+        notes = [f"split {split!r}, " + (f"key {str(keys[i])[:200]}" if keys is not None else f"row {i} of a block")
+                 + f": {reason}, skipped" for i, reason in reasons.items()]
+        ray.get(counter.add.remote(int((~keep).sum()), notes))
+    # int64 again: a null label (a foreign shard) made the column float, and that row is gone
+    return {"image": out[keep], "label": labels[keep].astype(np.int64),
+            **{k: np.asarray(batch[k])[keep] for k in columns}}
 
 
 def skipped_rows(root, split):
-    """Rows of `split` that failed to decode in read_split datasets, summed since the first
-    read_split(root, split) in this Ray job. Read it after each epoch (e.g. on rank 0, once its
-    shard is exhausted, when the epoch's decoding is complete) and take the difference."""
+    """Rows of `split` skipped in read_split datasets (failed to decode, a label outside the
+    classes, a row group that cannot be read), summed since the first read_split(root, split) in
+    this Ray job. Read it after each epoch (e.g. on rank 0, once its shard is exhausted, when the
+    epoch's decoding is complete) and take the difference."""
     try:
         return ray.get(ray.get_actor(_counter_name(root, split)).get.remote())
     except ValueError:   # no read_split for it yet in this job: nothing was skipped
         return 0
+
+
+def skipped_notes(root, split):
+    """Why rows of `split` were skipped (see skipped_rows): the first distinct reasons, each
+    naming the split and key, or the file and row group."""
+    try:
+        return ray.get(ray.get_actor(_counter_name(root, split)).notes.remote())
+    except ValueError:
+        return []
+
+
+_told = set()   # notes new_skipped_notes already gave in this process
+
+
+def new_skipped_notes(root, splits):
+    """The notes of `splits` (see skipped_notes) not yet given by this function in this process:
+    what the training loop warns about once, rather than every epoch the same rows are skipped."""
+    new = [n for s in splits if s for n in skipped_notes(root, s) if n not in _told]
+    _told.update(new)
+    return new
 
 
 def dataset_config(equal=("train",), first_epoch=None):
