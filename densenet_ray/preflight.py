@@ -42,7 +42,9 @@ def check_config(cfg: C.TrainConfig) -> None:
     the meta device and run at the image size), MLflow names, local locations."""
     problems = []
     if cfg.image_size is not None and (reason := model_problem(cfg, cfg.image_size)):
-        problems.append(reason)
+        flags = [f"--arch {cfg.arch}"] + [f"--{k.replace('_', '-')} {v}" for k, v in
+                                          cfg.model_overrides(inference=True).items()]
+        problems.append(f"{' '.join(flags)}: {reason}")
     problems += name_problems(cfg) + location_problems(cfg)
     if problems:
         raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
@@ -57,12 +59,11 @@ def model_problem(cfg: C.TrainConfig, image_size: int | None) -> str | None:
 
 @functools.lru_cache(maxsize=512)  # a sweep asks again for every sample of the same architecture
 def _model_problem(arch: str, overrides: tuple, image_size: int | None) -> str | None:
-    flags = " ".join([f"--arch {arch}"] + [f"--{k.replace('_', '-')} {v}" for k, v in overrides])
     try:
         with torch.device("meta"):
             net = from_config(C.TrainConfig(arch=arch, **dict(overrides)), 10, 3, inference=True)
     except ValueError as err:
-        return f"{flags}: {err}"
+        return str(err)
     size = image_size or net.input_size
     if _runs_at(net, size):
         return None
@@ -70,7 +71,7 @@ def _model_problem(arch: str, overrides: tuple, image_size: int | None) -> str |
     native = net.input_size
     with torch.no_grad():
         factor = native // net.features(torch.empty(1, net.in_channels, native, native, device="meta")).shape[-1]
-    return (f"{flags} cannot run on {size}x{size} images: it shrinks images {factor}x before its last layers, "
+    return (f"cannot run on {size}x{size} images: it shrinks images {factor}x before its last layers, "
             f"which leaves no pixels; use --image-size {factor} or more, or a CIFAR-style arch "
             f"(densenet_bc100_k12, densenet_bc with --depth) for small images")
 

@@ -43,7 +43,7 @@ def prepare_data(cfg: C.TrainConfig) -> data.Manifest:
     m = data.check(cfg.data, splits=tuple(s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s))
     stored = m.split(cfg.train_split).image_size
     if cfg.image_size is None and stored and (problem := checks.model_problem(cfg, min(stored))):
-        raise ValueError(f"{problem} (--image-size none: as stored in {cfg.data})")
+        raise ValueError(f"--arch {cfg.arch}: {problem} (--image-size none: as stored in {cfg.data})")
     if cfg.num_classes is not None and cfg.num_classes != m.num_classes:
         raise data.DataError(f"--num-classes {cfg.num_classes} does not match {cfg.data}, which has "
                              f"{m.num_classes} classes ({', '.join(m.classes[:5])}{', ...' if m.num_classes > 5 else ''}); "
