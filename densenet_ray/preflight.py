@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 
+import pyarrow.fs as pafs
 import torch
 
 from densenet_ray import config as C
@@ -46,6 +47,8 @@ def check_config(cfg: C.TrainConfig) -> None:
                                           cfg.model_overrides(inference=True).items()]
         problems.append(f"{' '.join(flags)}: {reason}")
     problems += name_problems(cfg) + location_problems(cfg)
+    if not problems and (reason := builtin_target_problem(cfg)):
+        problems.append(reason)
     if problems:
         raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
 
@@ -128,9 +131,11 @@ def builtin_target_problem(cfg: C.TrainConfig) -> str | None:
     """Why a built-in dataset (digits) must not be converted into --data, which has no manifest, or
     None: converting on first use writes only into an empty or missing folder, never beside a
     person's own files."""
-    fs, path = storage.filesystem(cfg.data)
-    import pyarrow.fs as pafs
+    from densenet_ray.data import MANIFEST, sources
 
+    if cfg.dataset not in sources.BUILTIN or storage.kind(f"{cfg.data}/{MANIFEST}") != "missing":
+        return None
+    fs, path = storage.filesystem(cfg.data)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         return None

@@ -316,7 +316,7 @@ def read_yaml(path: str):
     except OSError as err:
         raise SpaceError(f"{path}: cannot be read ({err.strerror})") from None
     except yaml.YAMLError as err:
-        raise SpaceError(f"{path}: not valid YAML ({C.shown(str(err))})") from None
+        raise SpaceError(f"{path}: not valid YAML ({str(err)[:500]})") from None  # its snippets are short
     except RecursionError:
         raise SpaceError(f"{path}: nested too deep to be a space file") from None
 

@@ -35,7 +35,7 @@ def prepare_data(cfg: C.TrainConfig) -> data.Manifest:
     """The dataset's manifest after the pre-flight checks; a built-in dataset (digits) converts
     itself into --data on first use."""
     if cfg.dataset in sources.BUILTIN and storage.kind(f"{cfg.data}/{data.MANIFEST}") == "missing":
-        if problem := checks.builtin_target_problem(cfg):
+        if problem := checks.builtin_target_problem(cfg):  # checked first in preflight; kept beside the write
             raise data.DataError(problem)
         print(f"[densenet_ray] converting {cfg.dataset} to {cfg.data} (first run only)", flush=True)
         write.convert(sources.BUILTIN[cfg.dataset](), cfg.data, progress=False,
