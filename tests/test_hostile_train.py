@@ -62,16 +62,17 @@ def refused(result, message: str) -> str:
     (["--workers", "two"], "'two' is not an integer"),
     (["--placement-strategy", "EVERYWHERE"], "--placement-strategy 'EVERYWHERE': expected PACK"),
 ])
-def test_configuration_errors_are_refused_before_ray(digits, tmp_path, home, extra, message):
-    storage = tmp_path / "runs"
-    refused(cli("train", "digits", "--data", digits, "--storage", storage, *extra), message)
-    assert not storage.exists()
+def test_configuration_errors_are_refused_before_ray(tmp_path, home, extra, message):
+    # A missing --data that digits would convert itself into: refused before any data is written.
+    storage, data = tmp_path / "runs", tmp_path / "digits"
+    refused(cli("train", "digits", "--data", data, "--storage", storage, *extra), message)
+    assert not storage.exists() and not data.exists()
 
 
-def test_storage_or_data_that_is_a_file_is_named(digits, tmp_path, home):
+def test_storage_or_data_that_is_a_file_is_named(tmp_path, home):
     afile = tmp_path / "notes.txt"
     afile.write_text("mine")
-    err = refused(cli("train", "digits", "--data", digits, "--storage", afile), f"--storage {afile}: {afile} is a file")
+    err = refused(cli("train", "digits", "--data", tmp_path / "digits", "--storage", afile), f"--storage {afile}: {afile} is a file")
     err = refused(cli("train", "digits", "--data", afile, "--storage", tmp_path / "runs"), f"--data {afile}: is a file")
     assert afile.read_text() == "mine" and "--storage" not in err
 
