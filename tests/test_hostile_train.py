@@ -41,7 +41,9 @@ def refused(result, message: str) -> str:
     # Refused before Ray: a local Ray start alone takes longer than this on a busy machine, and no
     # MLflow run was opened.
     assert "MLflow run" not in out and "Started a local Ray" not in out + err
-    assert seconds < 60, seconds
+    # Seconds on an idle machine (imports); 2 shared cores at load 20 stretched it past 60. The
+    # structural checks above are what prove no worker started.
+    assert seconds < 120, seconds
     return err
 
 
