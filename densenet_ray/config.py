@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import math
 import os
+import reprlib
 import time
 import types
 import typing
@@ -27,6 +28,13 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement
 SELECTIONS = ("last", "best")
 ORDERS = ("rows", "row_groups")
 NORMALIZATIONS = ("mean_std", "unit")
+# data.transforms.TRANSFORMS by use (tests check the two agree): ten crops give ten views of each
+# image, which only evaluate.py averages; training's evaluation takes one view, without randomness.
+TRAIN_TRANSFORMS = ("imagenet_train", "imagenet_train_crop_flip", "cifar_train", "imagenet_eval", "none")
+EVAL_TRANSFORMS = ("imagenet_eval", "none")
+MAX_DEPTH = 1000  # layers: past the deepest DenseNet anyone trained (264), a typo rather than a plan
+MAX_IMAGE_SIZE = 4096  # pixels: each worker decodes batches of size x size images in memory
+NAME_MAX = 200  # characters of a run or sweep name: one folder under --storage (file systems stop at 255 bytes)
 MIN_BN_BATCH = 16  # images per worker below which BatchNorm's batch statistics get noisy
 _BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
 # (classes, channels) of the datasets the presets are for: what `tune --dry-run` sizes models with
@@ -144,12 +152,12 @@ class TrainConfig:
 
         def need(ok: bool, name: str, accepted: str) -> None:
             if not ok:
-                problems.append(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected {accepted}")
+                problems.append(f"--{name.replace('_', '-')} {shown(getattr(self, name))}: expected {accepted}")
 
         need(self.epochs >= 1, "epochs", "at least 1")
         need(self.workers >= 1, "workers", "at least 1")
-        need(self.batch_size >= self.workers and self.batch_size % self.workers == 0, "batch_size",
-             f"a positive multiple of --workers ({self.workers}): each worker takes batch_size / workers")
+        need(self.workers >= 1 and self.batch_size >= self.workers and self.batch_size % self.workers == 0,
+             "batch_size", f"a positive multiple of --workers ({self.workers}): each worker takes batch_size / workers")
         need(self.lr > 0, "lr", "a positive number")
         need(self.reference_batch >= 1, "reference_batch", "a positive integer")
         need(all(0 < f < 1 for f in self.lr_milestones), "lr_milestones",
@@ -162,15 +170,24 @@ class TrainConfig:
         need(self.cpus_per_worker > 0, "cpus_per_worker", "a positive number")
         need(self.gpus_per_worker >= 0, "gpus_per_worker", "0 (CPU training) or more")
         need(self.max_failures >= -1, "max_failures", "-1 (retry forever), 0, or more")
-        need(self.image_size is None or self.image_size >= 8, "image_size", "a size in pixels (8 or more), or none")
+        need(self.image_size is None or 8 <= self.image_size <= MAX_IMAGE_SIZE, "image_size",
+             f"a size in pixels from 8 to {MAX_IMAGE_SIZE}, or none")
         need(self.num_classes is None or self.num_classes >= 2, "num_classes", "none (from the data) or 2 or more")
         need(0 <= self.drop_rate < 1, "drop_rate", "a probability in [0, 1)")
         need(self.compression is None or 0 < self.compression <= 1, "compression", "theta in (0, 1]")
         need(self.growth_rate is None or self.growth_rate >= 1, "growth_rate", "a positive integer")
-        need(self.depth is None or self.depth >= 10, "depth", "a total depth L such as 40, 100 or 190")
+        need(self.depth is None or 10 <= self.depth <= MAX_DEPTH, "depth",
+             f"a total depth L such as 40, 100 or 190 (at most {MAX_DEPTH})")
         need(self.progress_s >= 0 and math.isfinite(self.progress_s), "progress_s", "seconds, 0 or more (0: no progress lines)")
         need(self.shuffle_buffer >= 0, "shuffle_buffer", "0 or more rows")
-        need(bool(self.run_name) and "/" not in self.run_name, "run_name", "a name without '/'")
+        need(path_component_problem(self.run_name) is None, "run_name", f"{path_component_problem(self.run_name)}")
+        need(bool(self.experiment.strip()), "experiment", "an MLflow experiment name, not empty")
+        need(bool(self.data.strip()), "data", "a dataset folder or URI, not empty")
+        need(bool(self.storage.strip()), "storage", "a folder or URI for checkpoints, not empty")
+        need(0 <= self.seed < 2 ** 32, "seed", "an integer from 0 to 2**32 - 1 (numpy seeds the data order with it)")
+        need(self.train_transform in TRAIN_TRANSFORMS, "train_transform", " or ".join(TRAIN_TRANSFORMS))
+        need(self.eval_transform in EVAL_TRANSFORMS, "eval_transform", " or ".join(EVAL_TRANSFORMS)
+             + " (one view per image; the 10-crop test is python -m densenet_ray.evaluate MODEL --ten-crop)")
         need(self.dataset in DATASETS, "dataset", " or ".join(DATASETS))
         need(self.select in SELECTIONS, "select", " or ".join(SELECTIONS))
         need(self.select == "last" or self.val_split is not None, "select",
@@ -185,6 +202,18 @@ class TrainConfig:
              "a split of its own, neither --train-split nor --val-split")
         if problems:
             raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
+
+
+def path_component_problem(name) -> str | None:
+    """Why `name` cannot be a run or sweep name, or None: it names one folder under --storage (and
+    Tune's storage), so it is a single path component that stays there: no '/', '\\', '.', '..'."""
+    if not name or not name.strip():
+        return "a name, not empty"
+    if name in (".", "..") or any(c in name for c in "/\\\0"):
+        return "a single folder name under --storage: no '/', '\\' or NUL, not '.' or '..'"
+    if len(name) > NAME_MAX or name != name.strip():
+        return f"at most {NAME_MAX} characters, without leading or trailing spaces"
+    return None
 
 
 _BASE = TrainConfig()
@@ -227,13 +256,24 @@ def field_type(name: str) -> tuple[type, bool]:
     return kind, False
 
 
+_SHORT = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 2, 4, 4, 4
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+
+
+def shown(value) -> str:
+    """repr(value) cut short for a message: a value from a file can be arbitrarily large, and
+    printing it whole is how a small file runs a machine out of memory."""
+    return _SHORT.repr(value)
+
+
 def coerce(name: str, value):
     """`value` for field `name`, typed: the one rule for command-line text and YAML values.
     Text is parsed ("12", "true", "0.5,0.75", "none" for an optional field); a YAML value must
     already have the field's type (an int where a float goes is fine). ValueError says why."""
     if name not in _FIELD_NAMES:
         close = difflib.get_close_matches(name, _FIELD_NAMES, 1)
-        raise ValueError(f"unknown field {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"unknown field {shown(name)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     kind, optional = field_type(name)
     text = isinstance(value, str)
     if optional and (value is None or (text and value.strip().lower() in ("none", ""))):
@@ -245,7 +285,7 @@ def coerce(name: str, value):
             return False
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{value!r} is not a boolean: use true or false")
+        raise ValueError(f"{shown(value)} is not a boolean: use true or false")
     if typing.get_origin(kind) is tuple:
         parts = [p for p in value.split(",") if p.strip()] if text else value
         try:
@@ -253,9 +293,9 @@ def coerce(name: str, value):
                 raise TypeError
             return tuple(float(p) for p in parts)
         except (TypeError, ValueError):
-            raise ValueError(f"{value!r}: expected comma-separated numbers, e.g. 0.5,0.75") from None
+            raise ValueError(f"{shown(value)}: expected comma-separated numbers, e.g. 0.5,0.75") from None
     if kind in (int, float):
-        wrong = f"{value!r} is not {'an integer' if kind is int else 'a number'}"
+        wrong = f"{shown(value)} is not {'an integer' if kind is int else 'a number'}"
         if isinstance(value, bool) or not (text or isinstance(value, (int, float))):
             raise ValueError(wrong)
         if not text and kind is int and not isinstance(value, int):
@@ -265,10 +305,10 @@ def coerce(name: str, value):
         except ValueError:
             raise ValueError(wrong) from None
         if kind is float and not math.isfinite(number):
-            raise ValueError(f"{value!r} is not a finite number")
+            raise ValueError(f"{shown(value)} is not a finite number")
         return number
     if not text:
-        raise ValueError(f"{value!r} is not text")
+        raise ValueError(f"{shown(value)} is not text")
     return value
 
 

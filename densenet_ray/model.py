@@ -170,6 +170,10 @@ class DenseNet(nn.Module):
             num_features += num_layers * growth_rate
             if i != len(block_config) - 1:
                 out_features = int(math.floor(compression * num_features))
+                if out_features < 1:  # torch would build it, and fail only on the first batch
+                    raise ValueError(f"invalid DenseNet arguments: compression={compression!r} keeps "
+                                     f"floor({compression!r} x {num_features}) = 0 of the {num_features} feature maps "
+                                     f"after dense block {i + 1}: raise compression or growth_rate")
                 transition = _Transition(num_features, out_features, drop_rate, memory_efficient)
                 self.features.add_module(f"transition{i + 1}", transition)
                 num_features = out_features

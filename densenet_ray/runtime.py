@@ -4,6 +4,7 @@ join the cluster there is, else start a local Ray on this machine sized for the 
     connect()                        # RAY_ADDRESS / `ray job submit` / `ray start`, else a local Ray
     connect(cpus=6)                  # a local Ray gets at least 6 logical CPUs (the OS shares the cores)
     require_spare_cpu(reserved=4)    # ClusterError unless Ray Data keeps a CPU besides the reserved 4
+    require_placement(workers=4, cpus=1, gpus=1, strategy="STRICT_SPREAD")   # ClusterError unless it can be placed
     n, resources = pool_size(None)   # inference actors over the cluster: one per GPU, else per 2 CPUs
 """
 
@@ -71,15 +72,20 @@ def _answers(address: str) -> bool:
         return False
 
 
-def cluster_cpus() -> float:
-    """The CPUs the cluster has, or the most an autoscaling cluster can grow to (it may start smaller)."""
-    try:  # Ray Train sizes against the same figure; a private API, so only a hint
+def autoscaler_limit() -> dict | None:
+    """The most resources an autoscaling cluster can grow to ({"CPU": ..., "GPU": ...}), or None when
+    no autoscaler could add nodes (a local Ray, a fixed `ray start` cluster)."""
+    try:  # Ray Train sizes against the same figure; a private API (tests/test_private_apis.py)
         from ray._private.state import state
 
-        most = (state.get_max_resources_from_cluster_config() or {}).get("CPU", 0)
+        return state.get_max_resources_from_cluster_config() or None
     except (ImportError, AttributeError):
-        most = 0
-    return max(ray.cluster_resources().get("CPU", 0), most)
+        return None
+
+
+def cluster_cpus() -> float:
+    """The CPUs the cluster has, or the most an autoscaling cluster can grow to (it may start smaller)."""
+    return max(ray.cluster_resources().get("CPU", 0), (autoscaler_limit() or {}).get("CPU", 0))
 
 
 def require_spare_cpu(reserved: float, *, who: str, change: str) -> None:
@@ -94,6 +100,49 @@ def require_spare_cpu(reserved: float, *, who: str, change: str) -> None:
 def cpu_nodes() -> list[dict]:
     """The live nodes with CPUs (ray.nodes() entries)."""
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+
+
+def describe_cluster(nodes: list[dict]) -> str:
+    """'2 nodes, 8 CPUs, no GPUs': what a person needs to see to change a request."""
+    cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
+    gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
+    return (f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {cpus:g} CPUs, "
+            + (f"{gpus:g} GPUs" if gpus else "no GPUs"))
+
+
+def require_placement(*, workers: int, cpus: float, gpus: float, strategy: str) -> None:
+    """Refuse what Ray would wait for forever: `workers` actors of `cpus` CPUs and `gpus` GPUs each,
+    placed by `strategy`, on the live nodes. An autoscaling cluster may add nodes: there, only GPUs
+    it can never have are refused."""
+    limit = autoscaler_limit()
+    if limit is not None:
+        if gpus > 0 and not limit.get("GPU", 0):
+            raise ClusterError(f"--gpus-per-worker {gpus:g}: the Ray cluster has no GPUs and its autoscaler "
+                               "cannot add any: use --gpus-per-worker 0 (CPU training), or add GPU node types")
+        return
+    nodes = cpu_nodes()
+    has = f"the Ray cluster has {describe_cluster(nodes)}, and no autoscaler to add more"
+    total_gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
+    if gpus > 0 and total_gpus == 0:
+        raise ClusterError(f"--gpus-per-worker {gpus:g}: {has}: train on CPUs with --gpus-per-worker 0, or join "
+                           "a cluster with GPUs (RAY_ADDRESS, ray job submit)")
+    if gpus * workers > total_gpus:
+        raise ClusterError(f"--workers {workers} --gpus-per-worker {gpus:g} need {gpus * workers:g} GPUs; {has}: "
+                           f"use fewer --workers or less --gpus-per-worker")
+    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= cpus and n["Resources"].get("GPU", 0) >= gpus]
+    if not fits:
+        raise ClusterError(f"--cpus-per-worker {cpus:g} --gpus-per-worker {gpus:g}: no node can hold one worker; "
+                           f"{has} (the largest: {max(n['Resources'].get('CPU', 0) for n in nodes):g} CPUs): "
+                           "ask for less per worker")
+    if strategy == "STRICT_SPREAD" and workers > len(fits):
+        raise ClusterError(f"--placement-strategy STRICT_SPREAD puts each of --workers {workers} on a node of its "
+                           f"own; {has}, {len(fits)} of them large enough for a worker: use --workers {len(fits)} "
+                           "or fewer, or --placement-strategy SPREAD")
+    if strategy == "STRICT_PACK" and not any(n["Resources"].get("CPU", 0) >= cpus * workers
+                                             and n["Resources"].get("GPU", 0) >= gpus * workers for n in nodes):
+        raise ClusterError(f"--placement-strategy STRICT_PACK puts all --workers {workers} on one node, "
+                           f"{cpus * workers:g} CPUs{f' and {gpus * workers:g} GPUs' if gpus else ''}; {has}, none "
+                           "that large: use fewer --workers, or --placement-strategy PACK")
 
 
 def pool_size(actors: int | None) -> tuple[int, dict]:

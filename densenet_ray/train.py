@@ -22,7 +22,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from densenet_ray import checkpoint, runtime, storage, trained
+from densenet_ray import checkpoint, preflight as checks, runtime, storage, trained
 from densenet_ray import config as C
 from densenet_ray import data
 from densenet_ray.console import Console, quiet_libraries
@@ -36,10 +36,15 @@ def prepare_data(cfg: C.TrainConfig) -> data.Manifest:
     """The dataset's manifest after the pre-flight checks; a built-in dataset (digits) converts
     itself into --data on first use."""
     if cfg.dataset in sources.BUILTIN and storage.kind(f"{cfg.data}/{data.MANIFEST}") == "missing":
+        if problem := checks.builtin_target_problem(cfg):  # checked first in preflight; kept beside the write
+            raise data.DataError(problem)
         print(f"[densenet_ray] converting {cfg.dataset} to {cfg.data} (first run only)", flush=True)
         write.convert(sources.BUILTIN[cfg.dataset](), cfg.data, progress=False,
                       command=f"python -m densenet_ray.train {cfg.preset}")
     m = data.check(cfg.data, splits=tuple(s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s))
+    stored = m.split(cfg.train_split).image_size
+    if cfg.image_size is None and stored and (problem := checks.model_problem(cfg, min(stored))):
+        raise ValueError(f"--arch {cfg.arch}: {problem} (--image-size none: as stored in {cfg.data})")
     if cfg.num_classes is not None and cfg.num_classes != m.num_classes:
         raise data.DataError(f"--num-classes {cfg.num_classes} does not match {cfg.data}, which has "
                              f"{m.num_classes} classes ({', '.join(m.classes[:5])}{', ...' if m.num_classes > 5 else ''}); "
@@ -75,6 +80,8 @@ def connect(cfg: C.TrainConfig, concurrent: int = 1) -> None:
     runtime.connect(cpus=reserved + 2, quiet=not cfg.verbose)
     runtime.require_spare_cpu(reserved, who=f"{concurrent * cfg.workers} training workers",
                               change="lower --cpus-per-worker or --workers")
+    runtime.require_placement(workers=cfg.workers, cpus=cfg.cpus_per_worker, gpus=cfg.gpus_per_worker,
+                              strategy=cfg.placement_strategy)
 
 
 def small_batch_warning(cfg: C.TrainConfig) -> str | None:
@@ -103,8 +110,10 @@ def registered_name(cfg: C.TrainConfig, manifest: data.Manifest) -> str:
 
 
 def preflight(cfg: C.TrainConfig, concurrent: int = 1) -> tuple[str, data.Manifest]:
-    """Every check that can run before a worker starts, fastest first: the tracking URI (seconds),
-    Ray, the data (manifest and shard footers, class count), a tracking store other nodes can reach."""
+    """Every check that can run before a worker starts, fastest first: the configuration itself (the
+    model's shapes, names, locations), the tracking URI (seconds), Ray and what the cluster can place,
+    the data (manifest and shard footers, class count), a tracking store other nodes can reach."""
+    checks.check_config(cfg)
     if warning := small_batch_warning(cfg):
         print(f"[densenet_ray] {warning}", flush=True)
     uri = resolve_tracking_uri(cfg.mlflow_tracking_uri)
@@ -215,9 +224,11 @@ def run(cfg: C.TrainConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = C.from_args(sys.argv[1:] if argv is None else argv)
+    cfg, notes = checks.absolute_paths(C.from_args(sys.argv[1:] if argv is None else argv))
     quiet_libraries(cfg.verbose)
     print_config(cfg)
+    for note in notes:
+        print(f"[densenet_ray] {note}", flush=True)
     try:
         result = run(cfg)
     except (data.DataError, TrackingError, runtime.ClusterError, ValueError) as err:

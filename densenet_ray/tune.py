@@ -26,7 +26,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from densenet_ray import checkpoint, plots, spaces, train, trained
+from densenet_ray import checkpoint, plots, preflight, spaces, train, trained
 from densenet_ray import config as C
 from densenet_ray import data
 from densenet_ray.tracking import registry
@@ -163,19 +163,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.resume and not args.name:
         parser.error("--resume needs --name NAME of the sweep to continue")
+    if args.num_samples is not None and not 1 <= args.num_samples <= spaces.MAX_TRIALS:
+        parser.error(f"--num-samples {args.num_samples}: expected 1 to {spaces.MAX_TRIALS}")
+    if args.name is not None and (problem := C.path_component_problem(args.name)):
+        parser.error(f"--name {C.shown(args.name)}: expected {problem}")
+    for flag, value in (("--data", args.data), ("--storage", args.storage)):
+        if value is not None and not value.strip():
+            parser.error(f"{flag} '': expected a folder or URI")
     try:
         space = spaces.load_space(args.space, data=args.data, storage=args.storage,
                                   mlflow_tracking_uri=args.mlflow_tracking_uri)
+        if space.requested(args.num_samples) > spaces.MAX_TRIALS:
+            raise spaces.SpaceError(f"{args.space}: --num-samples {args.num_samples} asks for "
+                                    f"{space.requested(args.num_samples)} trials; a sweep runs at most {spaces.MAX_TRIALS}")
     except spaces.SpaceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     stem = os.path.splitext(os.path.basename(args.space))[0]
     name = args.name or space.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    base = space.base.replace(run_name=name)
+    base, notes = preflight.absolute_paths(space.base.replace(run_name=name))
+    for note in notes:
+        print(f"[densenet_ray] {note}", flush=True)
     trials, skipped = space.trials(args.num_samples)
     if not trials:
-        print(f"error: {args.space}: no valid configuration in the space", file=sys.stderr)
+        why = f" (e.g. {skipped[0][1]})" if skipped else ""
+        print(f"error: {args.space}: no valid configuration in the space{why}", file=sys.stderr)
         return 2
+    if len(trials) < space.requested(args.num_samples):
+        print(f"[densenet_ray] {args.space}: num_samples {args.num_samples or space.num_samples} asks for "
+              f"{space.requested(args.num_samples)} trials, but the space has only {len(trials)} distinct valid "
+              f"ones: running each once", flush=True)
     print(f"[densenet_ray] sweep {name!r}: {len(trials)} trials of {space.base.preset} ({space.scheduler.type}, "
           f"{space.max_concurrent} at a time, {base.workers} worker(s) each)", flush=True)
     if args.dry_run:  # the dataset's class and channel counts when it is there, else those of its kind
