@@ -305,7 +305,7 @@ def test_a_shard_in_two_splits_is_refused(digits, tmp_path, capsys):
     edit_manifest(copy, twice)
     with pytest.raises(data.DataError, match="train/train-00000.parquet.*each shard listed once"):
         data.check(copy)
-    assert run("verify", copy) == 1 and "each shard listed once" in capsys.readouterr().err
+    assert run("verify", copy) == 2 and "each shard listed once" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("turn, max_side", [(6, None), (8, None), (3, None), (6, 32)])
