@@ -36,7 +36,7 @@ import ray.data
 import torch
 
 from densenet_ray import cli, data, runtime, trained
-from densenet_ray.data import images
+from densenet_ray.data import images, walk
 from densenet_ray.data.manifest import MANIFEST, DataError, filesystem
 from densenet_ray.data.pipeline import DECODE_ERRORS
 from densenet_ray.data.transforms import TRANSFORMS
@@ -54,11 +54,16 @@ READ_SCHEMA = pa.schema([("key", pa.string()), ("split", pa.string()), ("label",
 def read_files(batch: dict, root: str) -> pa.Table:
     """Ray Data task: the bytes of each file in batch["key"] (relative to `root`), or why not."""
     blobs, errors = [], []
-    for key in batch["key"]:
+    listed = batch.get("error")
+    for i, key in enumerate(batch["key"]):
         try:
-            with open(os.path.join(root, key), "rb") as f:
-                blobs.append(f.read())
+            if listed is not None and listed[i] is not None:   # a FIFO, a link leading outside INPUT...
+                raise walk.NotRegular(listed[i])
+            blobs.append(walk.read_regular(os.path.join(root, key)))
             errors.append(None)
+        except walk.NotRegular as e:
+            blobs.append(None)
+            errors.append(str(e))
         except OSError as e:
             blobs.append(None)
             errors.append(f"unreadable: {e.strerror or e}")
@@ -137,32 +142,58 @@ def inputs(source: str, splits: list[str] | None, model: trained.Model):
         raise cli.ModelError(f"--split {','.join(splits)}: {source} is a folder of files, not a shard dataset "
                                 f"(no {MANIFEST}); leave --split out")
     if os.path.isfile(source):
-        root, keys = os.path.dirname(os.path.abspath(source)), [os.path.basename(source)]
+        root, listed = os.path.dirname(os.path.abspath(source)), [(os.path.basename(source), None)]
     elif os.path.isdir(source):
-        root, keys = source, _files(source)
+        root, listed = source, _listing(source)
+    elif os.path.exists(source):   # a FIFO would block the reader forever
+        raise cli.ModelError(f"INPUT {source!r}: not a regular file or folder; expected a dataset folder "
+                             f"(with {MANIFEST}), a folder of images or an image file")
     else:
         raise cli.ModelError(f"INPUT {source!r}: no such file or folder; expected a dataset folder "
                                 f"(with {MANIFEST}), a folder of images or an image file")
-    if not keys:
+    if not listed:
         raise cli.ModelError(f"INPUT {source!r}: a folder without files (hidden ones are left out)")
-    ds = ray.data.from_items([{"key": k} for k in keys], override_num_blocks=math.ceil(len(keys) / FILES_PER_TASK))
-    return ds.map_batches(read_files, fn_kwargs={"root": root}, batch_size=None), len(keys), None
+    ds = ray.data.from_items([{"key": k, "error": e} for k, e in listed],
+                             override_num_blocks=math.ceil(len(listed) / FILES_PER_TASK))
+    return ds.map_batches(read_files, fn_kwargs={"root": root}, batch_size=None), len(listed), None
 
 
 def _files(root: str) -> list[str]:
-    """Every non-hidden file under `root`, as sorted paths relative to it."""
-    out = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel = os.path.relpath(folder, root)
-        out += [os.path.normpath(os.path.join(rel, f)) for f in sorted(files) if not f.startswith(".")]
-    return out
+    """Every non-hidden file under `root` that will be read, as sorted paths relative to it."""
+    return [k for k, error in _listing(root) if error is None]
+
+
+def _listing(root: str) -> list[tuple[str, str | None]]:
+    """(path relative to `root`, None or why it is not read) for every non-hidden name under `root`,
+    sorted; by the converter's rules (data/walk.py): regular files only, links followed only inside
+    `root`, each file once."""
+    tree = walk.Tree(root)
+    return [(k, p.reason if isinstance(p, walk.Skip) else None) for k, p in tree.resolve(tree.list(""))]
+
+
+def check_out(out: str) -> None:
+    """Refuse an --out that cannot be written before any prediction is computed."""
+    if "://" in out:
+        raise cli.ModelError(f"--out {out}: predictions are written to a local file; give a local path")
+    if os.path.isdir(out):
+        raise cli.ModelError(f"--out {out}: a folder; expected the Parquet file to write (e.g. {out}/predictions.parquet)")
+    if os.path.exists(out) and not os.path.isfile(out):
+        raise cli.ModelError(f"--out {out}: not a regular file; expected the Parquet file to write")
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(out + ".tmp", "wb"):
+            pass
+        os.remove(out + ".tmp")
+    except OSError as e:
+        raise cli.ModelError(f"--out {out}: cannot be written ({e.strerror or e})") from None
 
 
 def predict(model: trained.Model, source: str, out: str, *, splits: list[str] | None = None, top_k: int = 5,
             actors: int | None = None, batch_size: int = 64, stats: str | None = None) -> dict:
     """Write the predictions for every image of `source` to the Parquet file `out`; returns
     {"rows", "errors": [(key, reason)], "normalised with"}. Needs Ray."""
+    check_out(out)
     ds, expected, manifest = inputs(source, splits, model)
     mean, std, where = trained.normalization(model, fallback=manifest,
                                             given=data.load_manifest(stats) if stats else None)
@@ -174,7 +205,6 @@ def predict(model: trained.Model, source: str, out: str, *, splits: list[str] | 
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), batch_size=batch_size, batch_format="pyarrow",
         **resources)
     rows, errors = 0, []
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     try:
         with pq.ParquetWriter(out + ".tmp", SCHEMA) as writer:
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -205,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1 or args.batch_size < 1 or (args.actors is not None and args.actors < 1):
         p.error("--top-k, --batch-size and --actors: expected positive integers")
     try:
+        check_out(args.out)   # before the model is loaded and any image read
         model = trained.load(args.model, tracking_uri=args.mlflow_tracking_uri, trust_pickle=args.trust_pickle)
         runtime.connect(cpus=2)
         result = predict(model, args.input, args.out, splits=args.split.split(",") if args.split else None,

@@ -65,7 +65,7 @@ def test_every_input_gets_a_row_usable_ones_their_top_k(predictor):
     assert [r["key"] for r in rows] == [f"k{i}" for i in range(7)] and [r["label"] for r in rows] == list(range(1, 8))
     assert [r["error"] for r in rows] == [
         None, "empty file: 0 bytes", "truncated or corrupt: starts like a PNG but Pillow cannot open it (40 bytes)",
-        "not an image: Pillow knows no format starting b'%PDF-1.4'", None, None, "unreadable: Permission denied"]
+        "not an image: no image format Pillow reads (8 bytes)", None, None, "unreadable: Permission denied"]
 
     usable = [digits[0], digits[2], np.asarray(Image.fromarray(rgb).convert("L"))]  # Pillow's luma for RGB
     x = torch.stack([TF.resize(torch.tensor(a)[None], [16, 16], antialias=True).permute(1, 2, 0) for a in usable])

@@ -11,11 +11,15 @@ import math
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 KEPT_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG"}   # what we store as the source's bytes
 MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF", b"BM": "BMP",
          b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "WebP"}   # to tell damaged images from non-images
+
+
+ORIENTATION = 0x0112            # the EXIF tag
+ROTATED = {5, 6, 7, 8}          # orientations that swap width and height
 
 
 class Rejected(Exception):
@@ -25,7 +29,8 @@ class Rejected(Exception):
 def prepare(data, *, channels=3, max_side=None, quality=90):
     """(stored bytes, pixels HxWxC uint8, converted) for one encoded image, or raise Rejected.
 
-    JPEG and PNG already in the right mode and size are stored as their own bytes. Everything else
+    JPEG and PNG already in the right mode and size, without an EXIF rotation, are stored as their own
+    bytes; a rotated one is turned upright (re-encoded, the tag dropped). Everything else
     that decodes (CMYK or grayscale JPEG, PNG named .JPEG in palette mode, GIF, TIFF, 16-bit...)
     is converted to RGB (or L when channels=1), shrunk so its longer side is at most `max_side`,
     and re-encoded: JPEG at `quality` if the source was JPEG, lossless PNG otherwise.
@@ -37,13 +42,28 @@ def prepare(data, *, channels=3, max_side=None, quality=90):
     if target != (w, h) and img.format in ("JPEG", "MPO"):
         img.draft(None, target)   # DCT-domain downscale: decodes 2-8x fewer pixels
     load(img)
-    if img.format in KEPT_FORMATS and img.mode == mode and target == (w, h):
-        return bytes(data), _pixels(img, channels), False
     out_format = KEPT_FORMATS.get(img.format, "PNG")
+    turn = orientation(img)
+    if turn != 1:
+        # Stored upright, as a person (and every photo viewer) sees it: the readers ignore EXIF, so
+        # a phone's sideways JPEG would otherwise train as a sideways image.
+        img = ImageOps.exif_transpose(img)
+        target = target[::-1] if turn in ROTATED else target
+    elif img.format in KEPT_FORMATS and img.mode == mode and target == (w, h):
+        return bytes(data), _pixels(img, channels), False
     img = to_mode(img, mode)
     if img.size != target:
         img = img.resize(target, Image.LANCZOS, reducing_gap=3.0)
     return encode(img, out_format, quality), _pixels(img, channels), True
+
+
+def orientation(img):
+    """The EXIF orientation (1..8) of `img`, 1 when it has none or its EXIF does not parse."""
+    try:
+        value = img.getexif().get(ORIENTATION, 1)
+    except Exception:   # a damaged EXIF block must not reject pixels that decode
+        return 1
+    return value if value in range(1, 9) else 1
 
 
 def encode_array(pixels):
@@ -89,7 +109,8 @@ def open_image(data):
             if kind:
                 raise Rejected(f"truncated or corrupt: starts like a {kind} but Pillow cannot open it "
                                f"({len(data)} bytes)") from None
-            raise Rejected(f"not an image: Pillow knows no format starting {bytes(data[:12])!r}") from None
+            # The reason never quotes the bytes: a file that is no image may be a secret.
+            raise Rejected(f"not an image: no image format Pillow reads ({len(data):,} bytes)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise Rejected(f"truncated or corrupt: {e}") from None
 

@@ -29,6 +29,7 @@ FORMAT = "densenet_ray.shards"
 VERSION = 1
 MANIFEST = "dataset.json"
 REJECTS = "rejects.jsonl"
+MAX_MANIFEST_BYTES = 64 << 20   # ImageNet's is ~0.5 MB; more is not a manifest, and is not read
 
 SCHEMA = pa.schema([
     pa.field("image", pa.binary(), nullable=False),   # encoded bytes as stored: JPEG or PNG
@@ -152,14 +153,21 @@ def load_manifest(root):
     root = str(root).rstrip("/")
     fs, base = filesystem(root)
     where = f"{root}/{MANIFEST}"
+    info = fs.get_file_info(posixpath.join(base, MANIFEST))
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{where}: no manifest. A dataset folder is written by "
+                        "`python -m densenet_ray.data convert ...`")
+    if info.type != pafs.FileType.File:   # a FIFO would block the reader forever
+        raise DataError(f"{where}: not a regular file; the manifest is a JSON file")
+    if info.size is not None and info.size > MAX_MANIFEST_BYTES:
+        raise DataError(f"{where}: {info.size:,} bytes; a manifest is at most {MAX_MANIFEST_BYTES:,}")
     try:
         with fs.open_input_stream(posixpath.join(base, MANIFEST)) as f:
-            doc = json.loads(f.read())
-    except FileNotFoundError as e:
-        raise DataError(f"{where}: no manifest. A dataset folder is written by "
-                        "`python -m densenet_ray.data convert ...`") from e
+            doc = json.loads(f.read(MAX_MANIFEST_BYTES + 1))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{where}: not valid JSON ({e})") from e
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply; a manifest nests a few levels") from None
     return _parse(doc, root, where)
 
 
@@ -227,6 +235,12 @@ def _parse(doc, root, where):
         splits[name] = Split(rows, tuple(shards), tuple(counts), tuple(size) if size else None)
     if not splits:
         bad("splits", {}, "at least one split")
+    listed = {}
+    for name, s in splits.items():   # a shard in two splits (or twice in one) is rows read twice: a leak
+        for sh in s.shards:
+            if sh.file in listed:
+                bad(f"splits.{name}.shards", sh.file, f"each shard listed once (it is also in split {listed[sh.file]})")
+            listed[sh.file] = name
     return Manifest(root=root, name=str(doc.get("name", "")), classes=tuple(c["name"] for c in classes),
                     wnids=tuple(ids), channels=channels, mean=stats["mean"], std=stats["std"],
                     splits=splits, created=doc.get("created", {}))
@@ -236,19 +250,23 @@ def check(root, splits=("train", "val")):
     """Pre-flight before any worker starts: the manifest and each shard's size, footer, schema, row
     count and label range (from footer statistics). Reads metadata only. Returns the Manifest."""
     m = load_manifest(root)
-    shards = [sh for name in splits for sh in m.split(name).shards]
+    shards = [(sh, m.split(name).image_size) for name in splits for sh in m.split(name).shards]
     fs, base = filesystem(m.root)
     with ThreadPoolExecutor(16) as pool:   # footers are small reads; object stores want them parallel
-        list(pool.map(lambda sh: check_footer(fs, base, m, sh), shards))
+        list(pool.map(lambda s: check_footer(fs, base, m, *s), shards))
     return m
 
 
-def check_footer(fs, base, m, shard):
+def check_footer(fs, base, m, shard, image_size=None):
+    """The shard's size, footer, schema, row count, label range and, given the split's image_size
+    (height, width), that every row has it (see check_image_size)."""
     where = f"{m.root}/{shard.file}"
     path = posixpath.join(base, shard.file)
     info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
+    if info.type == pafs.FileType.NotFound:
         raise DataError(f"{where}: shard listed in {MANIFEST} is missing")
+    if info.type != pafs.FileType.File:   # a FIFO would block the reader forever
+        raise DataError(f"{where}: not a regular file; a shard listed in {MANIFEST} is a Parquet file")
     if info.size != shard.bytes:
         raise DataError(f"{where}: {info.size} bytes; {MANIFEST} says {shard.bytes}")
     try:
@@ -266,6 +284,37 @@ def check_footer(fs, base, m, shard):
         if st is not None and st.has_min_max and not (0 <= st.min and st.max < m.num_classes):
             raise DataError(f"{where}: field label spans {st.min}..{st.max} in row group {g}; "
                             f"expected 0..{m.num_classes - 1} ({m.num_classes} classes)")
+    if image_size:
+        with fs.open_input_file(path) as f:
+            check_image_size(pq.ParquetFile(f), where, image_size)
+
+
+def check_image_size(pf, where, image_size):
+    """Every row of the ParquetFile `pf` is image_size (height, width), as dataset.json says: from the
+    row groups' min/max statistics of height and width where they are stored (ours are), else from
+    those two int32 columns (4 bytes a row: no image is read or decoded)."""
+    names = pf.schema_arrow.names
+    for g in range(pf.metadata.num_row_groups):
+        group = pf.metadata.row_group(g)
+        spans = []
+        for column in ("height", "width"):
+            st = group.column(names.index(column)).statistics
+            if st is None or not st.has_min_max:
+                col = pf.read_row_group(g, columns=[column])[column].to_numpy()
+                spans.append((int(col.min()), int(col.max())) if len(col) else None)
+            else:
+                spans.append((st.min, st.max))
+        if None in spans:
+            continue
+        (h0, h1), (w0, w1) = spans
+        if (h0, h1, w0, w1) != (image_size[0], image_size[0], image_size[1], image_size[1]):
+            raise DataError(f"{where}: row group {g} holds images of height {_span(h0, h1)} and width "
+                            f"{_span(w0, w1)}; {MANIFEST} gives the split image_size "
+                            f"{list(image_size)} ([height, width]): fix or remove it (null means mixed sizes)")
+
+
+def _span(low, high):
+    return str(low) if low == high else f"{low}..{high}"
 
 
 def check_schema(schema, where):

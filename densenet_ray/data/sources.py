@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .manifest import DataError
+from .walk import NotRegular, Skip, Tree, check_regular
 
 # Pillow modes of one grey band, with or without alpha: 1-bit, 8-bit, 16-bit, 32-bit int, float.
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -50,22 +51,29 @@ def imagefolder(src, splits=None, channels="auto"):
         raise DataError(f"channels {channels!r}: expected 'auto', 1 or 3")
     src = _dir(src)
     names = splits or sorted(d for d in os.listdir(src) if _visible(d) and os.path.isdir(os.path.join(src, d)))
+    for name in names:
+        if not name or not _visible(name) or os.sep in name or (os.altsep and os.altsep in name):
+            raise DataError(f"--splits: {name!r} is not a split folder name; expected folder names in {src} "
+                            "such as train,val (not hidden, no path separators)")
     if "train" not in names:
         raise DataError(f"{src}: no train/ folder; imagefolder expects SRC/train/<class>/<image> "
                         f"(found: {', '.join(names) or 'nothing'})")
-    wnids = _class_dirs(src, "train")
+    tree = Tree(src)
+    wnids = _class_dirs(tree, "train")
     index = {w: i for i, w in enumerate(wnids)}
-    out = {}
+    listed = {}   # (split, class) -> what the folder holds; every split is listed before links are followed
     for split in ["train"] + [s for s in names if s != "train"]:
-        items = []
-        for w in _class_dirs(src, split):
+        for w in _class_dirs(tree, split):
             if w not in index:
                 raise DataError(f"{os.path.join(src, split, w)}: class {w!r} is in {split}/ but not "
                                 f"in train/; every split's classes must be train's ({len(wnids)} classes)")
-            items += [Item(k, index[w], os.path.join(src, k)) for k in _files(src, os.path.join(split, w))]
-        out[split] = items
+            listed[split, w] = tree.list(os.path.join(split, w))
+    out = {split: [] for split, _ in listed}
+    for (split, w), entries in listed.items():
+        out[split] += [Item(k, index[w], p) for k, p in _files(tree, os.path.join(split, w), entries)]
     if channels == "auto":
-        channels = 1 if grey_only([it.payload for items in out.values() for it in items]) else 3
+        channels = 1 if grey_only([it.payload for items in out.values() for it in items
+                                   if isinstance(it.payload, str)]) else 3
     return Source("imagefolder", wnids, list(wnids), out, channels=channels)
 
 
@@ -95,9 +103,12 @@ def grey_only(paths, threads=16, chunk=256):
 
 
 def _mode(path):
-    """Pillow's mode of the image file at `path`, from its header; None if it does not open."""
+    """Pillow's mode of the image file at `path`, from its header; None if it does not open (or is
+    no longer a regular file: opened without blocking, as every source file)."""
     try:
-        with Image.open(path) as img:
+        check_regular(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f, Image.open(f) as img:
             return img.mode
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
         return None
@@ -108,23 +119,29 @@ def imagenet(src):
     or by ILSVRC2012_validation_ground_truth.txt with the devkit's meta.mat. Labels: sorted wnids,
     the order torchvision and every published ImageNet checkpoint use."""
     src = _dir(src)
-    wnids = _class_dirs(src, "train")
-    names = _synset_names(src, wnids)
+    tree = Tree(src)
+    wnids = _class_dirs(tree, "train")
     index = {w: i for i, w in enumerate(wnids)}
-    train = [Item(k, index[w], os.path.join(src, k)) for w in wnids for k in _files(src, os.path.join("train", w))]
+    listed = {w: tree.list(os.path.join("train", w)) for w in wnids}
+    val_listed = tree.list("val") if os.path.isdir(os.path.join(src, "val")) else None
+    names = _synset_names(src, wnids)
+    train = [Item(k, index[w], p) for w in wnids for k, p in _files(tree, os.path.join("train", w), listed[w])]
     splits = {"train": train}
-    if os.path.isdir(os.path.join(src, "val")):
+    if val_listed is not None:
         labels, labels_file = _val_labels(src)
         val = []
-        for k in _files(src, "val"):
+        for k, p in _files(tree, "val", val_listed):
             stem = os.path.splitext(os.path.basename(k))[0]
             if stem not in labels:
+                if isinstance(p, Skip):   # a FIFO, an outside link...: rejected with its reason, not an error
+                    val.append(Item(k, 0, p))
+                    continue
                 raise DataError(f"{labels_file}: no label for val image {k}")
             wnid = labels[stem]
             if wnid not in index:
                 raise DataError(f"{labels_file}: val image {stem} has label {wnid!r}, which is not a "
                                 f"class folder in {os.path.join(src, 'train')} ({len(wnids)} classes)")
-            val.append(Item(k, index[wnid], os.path.join(src, k)))
+            val.append(Item(k, index[wnid], p))
         splits["val"] = val
     return Source("imagenet", wnids, names, splits)
 
@@ -167,7 +184,7 @@ def svhn(src):
             if split != "extra":
                 raise DataError(f"{path}: missing; SVHN needs train_32x32.mat and test_32x32.mat")
             continue
-        mat = loadmat(path)
+        mat = loadmat(_regular(path))
         if "X" not in mat or "y" not in mat or mat["X"].ndim != 4 or mat["X"].shape[:3] != (32, 32, 3):
             raise DataError(f"{path}: expected X of shape 32x32x3xN and y of shape Nx1 "
                             f"(got {sorted(k for k in mat if not k.startswith('__'))})")
@@ -207,27 +224,42 @@ def _visible(name):
     return not name.startswith(".")
 
 
-def _class_dirs(src, split):
-    folder = os.path.join(src, split)
+def _class_dirs(tree, split):
+    """The class folders of SRC/split, sorted. A split or class folder that is a link leading outside
+    SRC is an error: a whole class is not taken from elsewhere (single files are skipped instead)."""
+    folder = os.path.join(tree.root, split)
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: missing; expected one folder per class in it")
     classes = sorted(d for d in os.listdir(folder) if _visible(d) and os.path.isdir(os.path.join(folder, d)))
+    for path in [folder] + [os.path.join(folder, c) for c in classes]:
+        if not tree.inside(os.path.realpath(path)):
+            raise DataError(f"{path}: a symbolic link leading outside {tree.root}; links are followed only "
+                            "inside the source folder: copy the folder in, or convert from where it lies")
     if not classes:
         raise DataError(f"{folder}: no class folders; expected {split}/<class>/<image>")
     return classes
 
 
-def _files(src, rel):
-    """Every visible file under src/rel (recursively, as torchvision's ImageFolder), sorted, as paths
-    relative to src. Anything that is not an image is rejected later, with its reason."""
-    out = []
-    for parent, dirs, files in os.walk(os.path.join(src, rel), followlinks=True):
-        dirs[:] = sorted(d for d in dirs if _visible(d))
-        out += [os.path.relpath(os.path.join(parent, f), src) for f in files if _visible(f)]
+def _files(tree, rel, listed):
+    """(key, real path or Skip) of every visible file under SRC/rel, as walk.Tree lists it (every
+    other folder must be listed first, see Tree), sorted, keys relative to SRC. Anything that is not
+    an image is rejected later, with its reason."""
+    out = tree.resolve(listed)
     if not out:
-        raise DataError(f"{os.path.join(src, rel)}: empty folder; a class folder (or ImageNet's val/) "
+        raise DataError(f"{os.path.join(tree.root, rel)}: empty folder; a class folder (or ImageNet's val/) "
                         "needs images: remove it or add them")
-    return sorted(out)
+    return out
+
+
+def _regular(path):
+    """`path`, once it is known to be a regular file (a FIFO would block its reader forever)."""
+    try:
+        check_regular(path)
+    except NotRegular as e:
+        raise DataError(str(e)) from None
+    except OSError as e:
+        raise DataError(f"{path}: unreadable: {e.strerror or e}") from None
+    return path
 
 
 def _check_labels(labels, n, where, field, low=0):
@@ -246,7 +278,7 @@ def _synset_names(src, wnids):
         words = {w: text for w, text in _devkit_synsets(meta).values()} if os.path.exists(meta) else {}
         return [words.get(w, w) for w in wnids]
     mapping = {}
-    with open(path) as f:
+    with open(_regular(path)) as f:
         for n, line in enumerate(f, 1):
             parts = line.split(maxsplit=1)
             if len(parts) != 2 and line.strip():
@@ -261,7 +293,7 @@ def _val_labels(src):
     devkit = os.path.join(src, "ILSVRC2012_devkit_t12", "data")
     loc = os.path.join(src, "LOC_val_solution.csv")
     if os.path.exists(loc):
-        with open(loc, newline="") as f:
+        with open(_regular(loc), newline="") as f:
             rows = list(csv.reader(f))
         if not rows or rows[0][:2] != ["ImageId", "PredictionString"]:
             raise DataError(f"{loc}: expected the header ImageId,PredictionString")
@@ -274,7 +306,7 @@ def _val_labels(src):
                 raise DataError(f"{meta}: missing; {truth} labels by ILSVRC2012_ID, which the "
                                 "devkit's meta.mat maps to wnids")
             ids = {i: wnid for i, (wnid, _) in _devkit_synsets(meta).items()}
-            with open(truth) as f:
+            with open(_regular(truth)) as f:
                 labels = [int(line) for line in f if line.strip()]
             unknown = [i for i in labels if i not in ids]
             if unknown:
@@ -288,7 +320,7 @@ def _devkit_synsets(meta):
     """{ILSVRC2012_ID: (wnid, words)} for the 1000 leaf synsets of the devkit's meta.mat."""
     from scipy.io import loadmat
 
-    synsets = loadmat(meta, squeeze_me=True)["synsets"]
+    synsets = loadmat(_regular(meta), squeeze_me=True)["synsets"]
     return {int(s["ILSVRC2012_ID"]): (str(s["WNID"]), str(s["words"]))
             for s in synsets if int(s["num_children"]) == 0}
 
@@ -315,10 +347,13 @@ def _cifar_reader(src, folder):
             path = os.path.join(base, name)
             if not os.path.exists(path):
                 raise DataError(f"{path}: missing from the CIFAR python-version folder")
-            with open(path, "rb") as f:
+            with open(_regular(path), "rb") as f:
                 return _NumpyOnly(f, encoding="bytes").load()
         return read
-    if not tarfile.is_tarfile(src):
+    if not os.path.exists(src):
+        raise DataError(f"{src}: no such file or folder; expected the official python-version tar.gz "
+                        "or the folder it extracts to")
+    if not tarfile.is_tarfile(_regular(src)):
         raise DataError(f"{src}: neither the official python-version tar.gz nor its extracted folder")
     tar = tarfile.open(src)
 

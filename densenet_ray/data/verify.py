@@ -4,8 +4,9 @@
     print(inspect("/data/imagenet", grid="imagenet.png"))
 
 verify checks the manifest, then one Ray task per shard checks size, sha256, footer, schema, row
-count, labels against the manifest's class counts, and that every (or a seeded sample of) image
-decodes fully with the stored height, width and channels.
+count, labels against the manifest's class counts, image sizes against the split's image_size, and
+that every (or a seeded sample of) image decodes fully with the stored height, width and channels;
+last, that no image's bytes are in two splits (a leak between train and val).
 """
 
 import hashlib
@@ -25,11 +26,9 @@ MAX_SHOWN = 20   # problems listed per shard; the count is always complete
 
 
 def verify(root, sample=None, seed=0):
-    """(problems, summary lines). `sample`: decode this many seeded-random images instead of all."""
-    try:
-        m = load_manifest(root)
-    except DataError as e:
-        return [str(e)], []
+    """(problems, summary lines). `sample`: decode this many seeded-random images instead of all.
+    A manifest that cannot be read raises DataError: with no list of shards there is nothing to verify."""
+    m = load_manifest(root)
     fs, base = filesystem(m.root)
     shards = [(split, sh) for split, info in m.splits.items() for sh in info.shards]
     total = sum(sh.rows for _, sh in shards)
@@ -39,7 +38,7 @@ def verify(root, sample=None, seed=0):
     refs, start = [], 0
     for split, sh in shards:
         rows = None if chosen is None else chosen[(chosen >= start) & (chosen < start + sh.rows)] - start
-        refs.append(_verify_shard.remote(fs, base, m, sh, rows))
+        refs.append(_verify_shard.remote(fs, base, m, sh, rows, m.splits[split].image_size))
         start += sh.rows
     results = ray.get(refs)
     problems, lines = [], []
@@ -53,15 +52,52 @@ def verify(root, sample=None, seed=0):
                             f"{counts[wrong]} rows in the shards; dataset.json says {info.class_counts[wrong]}")
         lines.append(f"{split}: {len(info.shards)} shards, {info.rows:,} rows, "
                      f"{sum(r['decoded'] for r in mine):,} images decoded")
+    problems += leaks(fs, base, m, shards, results)
     return problems, lines
 
 
+def leaks(fs, base, m, shards, results, shown=3):
+    """Images whose bytes are in more than one split: each pair of splits, how many, a few keys.
+    Each shard task hashed every row's encoded bytes into 8 bytes (blake2b), so the driver holds
+    8 bytes an image (ImageNet: 10 MB) and reads back only the keys it shows."""
+    hashes = {}   # split -> (sorted unique hashes)
+    for (split, _), r in zip(shards, results):
+        hashes.setdefault(split, []).append(r["hashes"])
+    hashes = {s: np.unique(np.concatenate(h)) for s, h in hashes.items()}
+    problems, names = [], list(hashes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = np.intersect1d(hashes[a], hashes[b], assume_unique=True)
+            if not len(common):
+                continue
+            keys = _keys_of(fs, base, shards, results, a, common[:shown])
+            problems.append(f"{m.root}: {len(common):,} image(s) in split {a} have the same bytes as images in "
+                            f"split {b} (a leak: {b}'s error no longer measures unseen images), e.g. {a} keys "
+                            + ", ".join(keys) + "; remove them from one split and convert again")
+    return problems
+
+
+def _keys_of(fs, base, shards, results, split, wanted):
+    """The keys of the rows of `split` whose hash is in `wanted` (a few)."""
+    keys = []
+    for (s, sh), r in zip(shards, results):
+        rows = np.flatnonzero(np.isin(r["hashes"], wanted)) if s == split else []
+        if len(rows):
+            with fs.open_input_file(posixpath.join(base, sh.file)) as f:
+                column = pq.read_table(f, columns=["key"])["key"]
+            keys += [column[int(i)].as_py() for i in rows]
+        if len(keys) >= len(wanted):
+            break
+    return keys[:len(wanted)]
+
+
 @ray.remote(num_cpus=1)
-def _verify_shard(fs, base, m, shard, rows):
+def _verify_shard(fs, base, m, shard, rows, image_size):
     where = f"{m.root}/{shard.file}"
-    out = {"problems": [], "class_counts": np.zeros(m.num_classes, np.int64), "decoded": 0, "read": False}
+    out = {"problems": [], "class_counts": np.zeros(m.num_classes, np.int64), "decoded": 0, "read": False,
+           "hashes": np.zeros(0, np.uint64)}
     try:
-        check_footer(fs, base, m, shard)
+        check_footer(fs, base, m, shard, image_size)
     except DataError as e:
         out["problems"].append(str(e))
         return out
@@ -85,6 +121,8 @@ def _verify_shard(fs, base, m, shard, rows):
     mode = "L" if m.channels == 1 else "RGB"
     keys, heights, widths = table["key"].to_pylist(), table["height"].to_numpy(), table["width"].to_numpy()
     images = table["image"]
+    out["hashes"] = np.array([int.from_bytes(hashlib.blake2b(v.as_buffer(), digest_size=8).digest(), "little")
+                              for v in images], np.uint64)
     bad = []
     for i in range(table.num_rows) if rows is None else rows:
         i = int(i)
