@@ -94,7 +94,7 @@ def test_relative_storage_is_resolved_and_said(tmp_path, home):
     rc, out, err, _ = cli("train", "digits", "--storage", "relruns", "--arch", "densenet121", cwd=tmp_path)
     assert rc == 2 and "Traceback" not in err
     assert f"--storage relruns is relative: using {tmp_path / 'relruns'}" in out
-    assert f"storage              {tmp_path / 'relruns'}" in out
+    assert f"storage={tmp_path / 'relruns'}" in out
 
 
 @pytest.mark.parametrize("extra,message", [
