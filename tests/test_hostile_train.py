@@ -100,8 +100,6 @@ def test_relative_storage_is_resolved_and_said(tmp_path, home):
 @pytest.mark.parametrize("extra,message", [
     (["--gpus-per-worker", "1"], "--gpus-per-worker 1: the Ray cluster has 1 node, 4 CPUs, no GPUs, and no autoscaler"),
     (["--placement-strategy", "STRICT_SPREAD"], "STRICT_SPREAD puts each of --workers 2 on a node of its own"),
-    (["--placement-strategy", "STRICT_PACK", "--cpus-per-worker", "1.5"], "STRICT_PACK puts all --workers 2"),
-    (["--workers", "1", "--cpus-per-worker", "3.5"], "no node can hold one worker"),
 ])
 def test_requests_the_cluster_cannot_meet_are_refused_not_waited_for(digits, tmp_path, capfd, extra, message):
     storage = tmp_path / "runs"
@@ -176,3 +174,21 @@ def test_a_space_whose_every_trial_has_a_zero_channel_layer_is_refused(tmp_path,
 def test_tune_flags_are_error_lines(tmp_path, argv, message):
     path = space_file(tmp_path, "preset: digits\nspace: {lr: {choice: [0.1]}}\n")
     refused(cli("tune", path, "--dry-run", *argv), message)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"workers": 2, "cpus": 1.5, "gpus": 0, "strategy": "STRICT_PACK"}, "STRICT_PACK puts all --workers 2 on one node"),
+    ({"workers": 1, "cpus": 3, "gpus": 0, "strategy": "PACK"}, "no node can hold one worker"),
+    ({"workers": 3, "cpus": 1, "gpus": 0, "strategy": "STRICT_SPREAD"}, "use --workers 2 or fewer"),
+])
+def test_placements_two_small_nodes_cannot_give_are_refused(monkeypatch, kwargs, message):
+    """On a multi-node cluster (two 2-CPU nodes, no autoscaler): what only the node sizes rule out. A one-node
+    Ray, as the tests have, refuses these earlier for want of a CPU for Ray Data."""
+    from densenet_ray import runtime
+
+    nodes = [{"Alive": True, "NodeManagerAddress": f"10.0.0.{i}", "Resources": {"CPU": 2.0}} for i in (1, 2)]
+    monkeypatch.setattr(runtime, "cpu_nodes", lambda: nodes)
+    monkeypatch.setattr(runtime, "autoscaler_limit", lambda: None)
+    with pytest.raises(runtime.ClusterError, match=message):
+        runtime.require_placement(**kwargs)
+    runtime.require_placement(**{**kwargs, "workers": 1, "cpus": 1})  # what fits is not refused

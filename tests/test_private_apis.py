@@ -65,3 +65,9 @@ def test_ray_data_split_coordinator_stats():  # loop.pipeline_figures
     assert "operators_stats" in DatasetStatsSummary.__dataclass_fields__
     assert {"wall_time", "output_size_bytes"} <= set(OperatorStatsSummary.__dataclass_fields__)
     assert isinstance(OperatorStatsSummary.num_rows_per_s, property)
+
+
+def test_mlflow_name_validators():  # preflight.check_config: --registered-model, --experiment
+    from mlflow.utils.validation import _validate_experiment_name, _validate_model_name
+
+    assert callable(_validate_model_name) and callable(_validate_experiment_name)
