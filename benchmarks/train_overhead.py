@@ -3,6 +3,7 @@ same data, same CPUs, steady-state images/s side by side.
 
     python benchmarks/train_overhead.py                          # DenseNet-BC-100 k=12 on digits at 32x32
     python benchmarks/train_overhead.py --arch densenet_bc --depth 40 --growth-rate 12 --image-size 16 --epochs 3
+    python benchmarks/train_overhead.py --progress-overhead ...   # 2 workers, progress lines off vs every 1 s
 
 The plain loop is the most favourable reference: every image decoded once into memory up front,
 then shuffle, batch, normalise and step, with torch using every core. Ours streams the Parquet
@@ -79,13 +80,13 @@ def overrides(args) -> dict:
     return {k: v for k, v in {"depth": args.depth, "growth_rate": args.growth_rate}.items() if v}
 
 
-def ray_run(args, root: str, workers: int, tmp: str) -> float:
+def ray_run(args, root: str, workers: int, tmp: str, *extra: str) -> float:
     cpus = (os.cpu_count() or 1) / workers
     flags = ["digits", "--data", root, "--arch", args.arch, "--image-size", str(args.image_size),
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--workers", str(workers),
              "--cpus-per-worker", f"{cpus:g}", "--storage", os.path.join(tmp, "runs"),
-             "--mlflow-tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--run-name", f"overhead-{workers}",
-             "--max-failures", "0", "--lr-milestones", "0.5,0.75"]
+             "--mlflow-tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--run-name", f"overhead-{workers}-{time.time_ns()}",
+             "--max-failures", "0", "--lr-milestones", "0.5,0.75", *extra]
     for name, value in overrides(args).items():
         flags += [f"--{name.replace('_', '-')}", str(value)]
     result = train.run(C.from_args(flags))
@@ -100,6 +101,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--progress-overhead", action="store_true",
+                        help="instead: 2 workers with progress lines and step metrics off (--progress-s 0) and every "
+                             "second (--progress-s 1, 30x the default's rate), in interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
     # The local Ray the training driver starts for the largest run here (one worker on every core),
@@ -110,6 +115,8 @@ def main() -> None:
         write.convert(sources.digits(), root, progress=False)
         print(f"{args.arch} at {args.image_size}x{args.image_size}, global batch {args.batch_size}, "
               f"{os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
+        if args.progress_overhead:
+            return progress_overhead(args, root, tmp)
         plain = plain_loop(args, root)
         rows = [("plain PyTorch loop (pre-decoded)", plain)]
         for workers in (1, 2):
@@ -118,6 +125,22 @@ def main() -> None:
     for name, rate in rows:
         print(f"{name:<36}{rate:>9.1f}{rate / plain:>8.2f}")
     print("\nGoal: Ray Train >= 0.90x the plain loop's steady-state throughput.")
+
+
+def progress_overhead(args, root: str, tmp: str) -> None:
+    """Steady-state images/s of 2 workers with progress reporting off and every second, interleaved
+    (off, on, off, on, ...) so that the machine's drift hits both alike."""
+    rates = {"0": [], "1": []}
+    for r in range(args.rounds):
+        for every in ("0", "1"):
+            rate = ray_run(args, root, 2, tmp, "--progress-s", every)
+            rates[every].append(rate)
+            print(f"  round {r + 1}, --progress-s {every}: {rate:.1f} img/s", flush=True)
+    off, on = (sum(rates[k]) / len(rates[k]) for k in ("0", "1"))
+    print(f"\n{'run':<40}{'img/s':>9}{'ratio':>8}")
+    print(f"{'Ray Train, 2 workers, --progress-s 0':<40}{off:>9.1f}{1.0:>8.2f}")
+    print(f"{'Ray Train, 2 workers, --progress-s 1':<40}{on:>9.1f}{on / off:>8.3f}")
+    print(f"\nprogress reporting every second costs {(1 - on / off):.1%} (goal: under 1% at the default 30 s)")
 
 
 if __name__ == "__main__":

@@ -361,6 +361,7 @@ class Publisher:
             for metrics in history:  # an epoch whose MLflow points were lost in a crash; the rest are skipped
                 self.run.log_epoch(metrics["epoch"], metrics)
         self.history = list(history)
+        self.explained: set[str] = set()
 
     def say(self, line: str) -> None:
         say(self.console, line)
@@ -381,9 +382,11 @@ class Publisher:
         self.history.append(metrics)
         done = metrics["epoch"] + 1 - self.start_epoch
         eta = (time.perf_counter() - self.started) / done * (self.cfg.epochs - metrics["epoch"] - 1)
-        self.say(format_line(metrics, self.cfg.epochs, eta))
-        if hint := stall_hint(metrics["data_wait_frac"], first_batch_share):
-            self.say(f"  {hint}")
+        hint = stall_hint(metrics["data_wait_frac"], first_batch_share)
+        self.say(format_line(metrics, self.cfg.epochs, eta) + (f"  ({hint[0]})" if hint else ""))
+        if hint and hint[0] not in self.explained:  # once per kind: the tag on later lines refers to it
+            self.explained.add(hint[0])
+            self.say(f"  {hint[1]}")
 
     def finish(self, net, example: torch.Tensor | None, selected: dict | None, test: dict | None) -> None:
         """Curves, the selected epoch and the test errors on the run, its model in the registry, the

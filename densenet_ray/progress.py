@@ -100,14 +100,14 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def stall_hint(wait_frac: float, first_batch_share: float = 0.0) -> str | None:
-    """The epoch line's note when the workers waited for data more than 10% of the epoch;
-    `first_batch_share`: how much of rank 0's wait was for the epoch's first batch."""
+def stall_hint(wait_frac: float, first_batch_share: float = 0.0) -> tuple[str, str] | None:
+    """(tag for the epoch line, explanation shown the first time) when the workers waited for data more
+    than 10% of the epoch; `first_batch_share`: how much of rank 0's wait was for the epoch's first batch."""
     if wait_frac <= 0.10:
         return None
     if first_batch_share > 0.5:
-        return (f"waited for data {wait_frac:.0%} of the epoch, most of it for the first batch while the input "
-                "pipeline started (Ray Data starts its read and decode tasks every epoch: a large share only when "
-                "epochs are short)")
-    return (f"waited for data {wait_frac:.0%} of the epoch: the input pipeline is the bottleneck; give it more "
-            "CPUs (--cpus-per-worker, CPU-only nodes for decoding) or store smaller images (convert --max-side)")
+        return ("pipeline start-up", f"waited for data {wait_frac:.0%} of the epoch, most of it for the first batch "
+                "while the input pipeline started (Ray Data starts its read and decode tasks every epoch: a large "
+                "share only when epochs are short)")
+    return ("input-bound", f"waited for data {wait_frac:.0%} of the epoch: the input pipeline is the bottleneck; give "
+            "it more CPUs (--cpus-per-worker, CPU-only nodes for decoding) or store smaller images (convert --max-side)")

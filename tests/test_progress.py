@@ -50,7 +50,8 @@ def test_waiting_for_data_shows_as_its_share_of_the_interval():
         time.sleep(0.01)  # "waiting" for the batch: all of the step
         report = meter.step(step, torch.tensor(1.0), 0.1, time.perf_counter() - t) or report
     assert 0.6 <= report["step_data_wait_frac"] <= 1.0
-    assert "waited for data" in stall_hint(0.3) and stall_hint(0.05) is None
+    assert stall_hint(0.3)[0] == "input-bound" and "--cpus-per-worker" in stall_hint(0.3)[1]
+    assert stall_hint(0.3, first_batch_share=0.8)[0] == "pipeline start-up" and stall_hint(0.05) is None
 
 
 def test_off_means_no_reports_and_no_collectives():
