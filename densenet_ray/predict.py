@@ -59,7 +59,7 @@ def read_files(batch: dict, root: str) -> pa.Table:
         try:
             if listed is not None and listed[i] is not None:   # a FIFO, a link leading outside INPUT...
                 raise walk.NotRegular(listed[i])
-            blobs.append(walk.read_regular(os.path.join(root, key)))
+            blobs.append(images.upright(walk.read_regular(os.path.join(root, key))))
             errors.append(None)
         except walk.NotRegular as e:
             blobs.append(None)

@@ -361,3 +361,27 @@ def test_predict_lists_inputs_by_the_converter_rules(hostile):
         predict.inputs(str(empty), None, None)
     with pytest.raises(predict.cli.ModelError, match="not a regular file or folder"):
         predict.inputs(str(src / "train" / "cat" / "pipe.jpg"), None, None)
+
+
+@pytest.mark.parametrize("turn", [1, 6, 8])
+def test_predict_reads_a_rotated_photo_upright(tmp_path, turn):
+    """predict reads raw files: a phone's sideways JPEG reaches the model as a person sees it (convert
+    stores it so); an unrotated file is passed on byte for byte."""
+    img = Image.new("RGB", (64, 32), "white")
+    img.paste((0, 0, 0), (0, 0, 16, 32))
+    exif = Image.Exif()
+    exif[images.ORIENTATION] = turn
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, exif=exif)
+    (tmp_path / "phone.jpg").write_bytes(buf.getvalue())
+    from densenet_ray.predict import read_files
+
+    table = read_files({"key": ["phone.jpg"]}, str(tmp_path))
+    got = table["image"].to_pylist()[0]
+    if turn == 1:
+        assert got == buf.getvalue()
+        return
+    want = ImageOps_upright(buf.getvalue(), None)
+    seen = Image.open(io.BytesIO(got)).convert("RGB")
+    assert seen.size == want.size == (32, 64)
+    assert np.abs(np.asarray(seen, np.int16) - np.asarray(want, np.int16)).mean() < 4

@@ -57,6 +57,20 @@ def prepare(data, *, channels=3, max_side=None, quality=90):
     return encode(img, out_format, quality), _pixels(img, channels), True
 
 
+def upright(data):
+    """`data` as it came, unless its EXIF says the picture is rotated: then the upright image as lossless
+    PNG (predict reads raw photos; a phone's sideways JPEG must be classified as a person sees it, as
+    convert stores it). Bytes that do not open are returned as they are, for the decoder to name."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if orientation(img) == 1:
+            return data
+        img = ImageOps.exif_transpose(img)
+        return encode(img if img.mode in ("RGB", "L") else img.convert("RGB"), "PNG")
+    except Exception:
+        return data
+
+
 def orientation(img):
     """The EXIF orientation (1..8) of `img`, 1 when it has none or its EXIF does not parse."""
     try:
