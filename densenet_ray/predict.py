@@ -57,7 +57,8 @@ def read_files(batch: dict, root: str) -> pa.Table:
     listed = batch.get("error")
     for i, key in enumerate(batch["key"]):
         try:
-            if listed is not None and listed[i] is not None:   # a FIFO, a link leading outside INPUT...
+            # a FIFO, a link leading outside INPUT... (a column with no reason at all arrives as NaN floats)
+            if listed is not None and isinstance(listed[i], str):
                 raise walk.NotRegular(listed[i])
             blobs.append(images.upright(walk.read_regular(os.path.join(root, key))))
             errors.append(None)

@@ -127,8 +127,8 @@ def test_predict_writes_one_row_per_file_and_why_some_could_not_be_used(trained,
     assert predict.main([CHAMPION, str(folder), "--out", str(out), "--mlflow-tracking-uri", trained["uri"]]) == 0
     assert "3 could not be used" in capsys.readouterr().out
     rows = {r["key"]: r for r in pq.read_table(out).to_pylist()}
-    assert list(rows) == ["digit0.png", "digit2.png", "empty.jpg", "notes.txt", "red.jpg", "truncated.png",
-                          "nested/digit1.png", "nested/digit3.png"]
+    assert list(rows) == ["digit0.png", "digit2.png", "empty.jpg", "nested/digit1.png", "nested/digit3.png",
+                          "notes.txt", "red.jpg", "truncated.png"]  # sorted paths (data.walk lists INPUT)
     assert rows["empty.jpg"]["error"] == "empty file: 0 bytes"
     assert rows["notes.txt"]["error"].startswith("not an image")
     assert rows["truncated.png"]["error"].startswith("truncated or corrupt")
