@@ -290,15 +290,23 @@ def pipeline_figures(shard) -> dict:
     Ray exposes them): task-seconds spent reading, decoding and augmenting, the rows per second and
     bytes it delivered. Empty when this Ray does not give them."""
     try:  # a streaming split's coordinator holds the execution's stats (DataIterator.stats() is a string)
-        ops = ray.get(shard._coord_actor.stats.remote(), timeout=10).to_summary().operators_stats
+        summary = ray.get(shard._coord_actor.stats.remote(), timeout=10).to_summary()
     except Exception:
         return {}
+    # The split itself is the summary's own (empty) operator; read, decode and augment are its parents'.
+    ops = [op for op in _operators(summary) if op.wall_time and op.output_num_rows]
     if not ops:
         return {}
-    out = {"input_task_s": sum(op.wall_time.sum for op in ops if op.wall_time), "input_rows_per_s": ops[-1].num_rows_per_s}
+    out = {"input_task_s": sum(op.wall_time.sum for op in ops), "input_rows_per_s": ops[-1].num_rows_per_s}
     if ops[-1].output_size_bytes:
         out["input_bytes"] = ops[-1].output_size_bytes.sum
     return out
+
+
+def _operators(summary):
+    for parent in summary.parents:
+        yield from _operators(parent)
+    yield from summary.operators_stats
 
 
 def epoch_metrics(sums: dict[str, float], world: int, epoch: int, lr: float, epoch_s: float) -> dict:

@@ -62,7 +62,7 @@ def test_ray_data_split_coordinator_stats():  # loop.pipeline_figures
 
     assert "_coord_actor" in inspect.getsource(StreamSplitDataIterator.__init__)
     assert callable(SplitCoordinator.stats)
-    assert "operators_stats" in DatasetStatsSummary.__dataclass_fields__
+    assert {"operators_stats", "parents"} <= set(DatasetStatsSummary.__dataclass_fields__)
     assert {"wall_time", "output_size_bytes"} <= set(OperatorStatsSummary.__dataclass_fields__)
     assert isinstance(OperatorStatsSummary.num_rows_per_s, property)
 

@@ -121,10 +121,10 @@ def test_digits_demo_logs_step_and_stall_telemetry_to_mlflow(demo):
     assert all(0 <= m.value <= 1 for m in history["step_data_wait_frac"])
     assert all(m.value > 0 for m in history["step_images_per_s"] + history["step_lr"])
     assert_each_epoch_once(client, demo["run"], 15)
-    for key in ("data_wait_frac", "images_per_s_per_worker", "input_rows_per_s", "input_task_s"):
+    for key in ("data_wait_frac", "images_per_s_per_worker", "input_rows_per_s", "input_task_s", "input_bytes"):
         points = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in points) == list(range(15)), key
-        assert all(m.value >= 0 for m in points), key
+        assert all(m.value > 0 for m in points), (key, [m.value for m in points])
     assert all(0 <= m.value <= 1 for m in client.get_metric_history(run_id, "data_wait_frac"))
 
 
