@@ -267,22 +267,19 @@ def correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     return hits[:, 0].sum().double(), hits.any(dim=1).sum().double()
 
 
-def summed(values: dict[str, torch.Tensor | float], device) -> dict[str, float]:
-    """`values` summed over the workers with one all_reduce (the same keys, in the same order, on
-    every rank), as floats."""
+def summed(values: dict[str, torch.Tensor | float], device, op=dist.ReduceOp.SUM) -> dict[str, float]:
+    """`values` combined over the workers (summed, or `op`) with one all_reduce (the same keys, in the
+    same order, on every rank), as floats."""
     names = list(values)
     packed = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device) for k in names])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(packed)
+        dist.all_reduce(packed, op=op)
     return dict(zip(names, packed.tolist()))
 
 
 def largest(value: float, device) -> float:
     """The largest `value` over the workers."""
-    packed = torch.tensor([value], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
-    return packed.item()
+    return summed({"value": value}, device, op=dist.ReduceOp.MAX)["value"]
 
 
 def pipeline_figures(shard) -> dict:

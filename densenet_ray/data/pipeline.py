@@ -196,9 +196,11 @@ def decode_batch(batch, *, transform, size, mode, shape, counter=None, classes=N
     out = np.empty((len(labels), *shape), np.uint8)
     keep = np.zeros(len(out), bool)
     reasons = {}
+    # A worker's cross-entropy would raise on a label outside the classes ("Target 999 is out of bounds");
+    # a null label (NaN in a float column) compares False and is caught too.
+    known = (labels >= 0) & (labels < classes) if classes is not None else np.ones(len(labels), bool)
     for i, data in enumerate(batch["image"]):
-        if classes is not None and not 0 <= labels[i] < classes:
-            # A worker's cross-entropy would raise on it ("Target 999 is out of bounds").
+        if not known[i]:
             reasons[i] = f"label {labels[i]} is not a class (expected 0..{classes - 1})"
             continue
         try:
