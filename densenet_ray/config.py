@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass, field, fields
 
 HOME = os.path.expanduser(os.environ.get("DENSENET_RAY_HOME", "~/.densenet_ray"))
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 SELECTIONS = ("last", "best")
 ORDERS = ("rows", "row_groups")
@@ -90,8 +90,10 @@ class TrainConfig:
     cpus_per_worker: float = _f(1.0, "CPUs reserved by each worker")
     gpus_per_worker: float = _f(0.0, "GPUs per worker; 0 trains on CPUs (gloo), more on GPUs (NCCL)")
     placement_strategy: str = _f("PACK", "PACK workers onto few nodes, or SPREAD them one per node where possible")
-    precision: str = _f("fp32", "fp32, bf16 or fp16 autocast (fp16 with a gradient scaler)")
-    channels_last: bool = _f(False, "NHWC memory format (faster convolutions with AMP on GPUs)")
+    precision: str = _f("auto", "auto (bf16 autocast on GPUs that have bf16, fp16 on older GPUs, fp32 on CPUs), fp32, "
+                        "bf16 or fp16 autocast (fp16 with a gradient scaler); the run's params record the resolved one")
+    channels_last: bool | None = _f(None, "NHWC memory format (faster convolutions with AMP on GPUs); None: on when "
+                                    "training in bf16 or fp16 on a GPU")
     compile: bool = _f(False, "torch.compile the model")
     shuffle: str = _f("rows", "train order, new every epoch from (seed, epoch): rows (a full permutation of the "
                       "split's rows) or row_groups (row groups in random order + the local buffer: streams, no "
@@ -129,6 +131,18 @@ class TrainConfig:
             return self.lr + (self.lr_scaled - self.lr) * epoch / self.warmup
         drops = sum(epoch >= round(f * self.epochs) for f in self.lr_milestones)
         return self.lr_scaled * 0.1 ** drops
+
+    def for_device(self, gpu: bool, bf16: bool) -> TrainConfig:
+        """The config with --precision auto and --channels-last none resolved for a worker's device:
+        bf16 autocast on GPUs with native bf16 (Ampere and later), fp16 with a gradient scaler on older
+        ones (tensor cores, as torchvision's reference --amp), fp32 on CPUs (CPU autocast speeds up
+        little but bf16 matmuls on CPUs with AMX, and costs accuracy); channels_last with AMP on a GPU.
+        What was asked explicitly stays."""
+        precision = self.precision
+        if precision == "auto":
+            precision = ("bf16" if bf16 else "fp16") if gpu else "fp32"
+        channels_last = self.channels_last if self.channels_last is not None else gpu and precision != "fp32"
+        return self.replace(precision=precision, channels_last=channels_last)
 
     def model_overrides(self, *, inference: bool = False) -> dict:
         """Keyword arguments for model.build beyond the arch name (model.from_config); `inference`: without those

@@ -53,6 +53,7 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    asked, cfg = cfg, cfg.for_device(device.type == "cuda", _native_bf16(device))
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker (DDP also broadcasts them)
     net = from_config(cfg, meta["num_classes"], meta["channels"])
@@ -75,7 +76,7 @@ def train_loop(config: dict) -> None:
         start_epoch, history, example = state["epoch"] + 1, state["history"], state.get("example")
         best = state.get("best")
 
-    publisher = Publisher(cfg, meta, history, start_epoch, world, device, console) if rank == 0 else None
+    publisher = Publisher(cfg, meta, history, start_epoch, world, device, console, asked) if rank == 0 else None
     train_step = torch.compile(model) if cfg.compile else model
     evaluate_fn = torch.compile(net) if cfg.compile else net
     prepare = Prepare(meta["mean"], meta["std"], cfg.channels_last, device)
@@ -352,14 +353,20 @@ class Publisher:
     """Rank 0's side effects, all in one place: checkpoint files, MLflow, the console line."""
 
     def __init__(self, cfg: TrainConfig, meta: dict, history: list[dict], start_epoch: int, world: int,
-                 device, console=None) -> None:
+                 device, console=None, asked: TrainConfig | None = None) -> None:
         self.cfg, self.meta, self.start_epoch, self.console = cfg, meta, start_epoch, console
         tags = {"workers": str(world), "device": str(device), "device_name": _device_name(device)}
         if start_epoch:  # where the latest (re)start picked up, for people and for the fault tests
             tags["densenet_ray.resumed_after_epoch"] = str(start_epoch - 1)
+        # The driver logged the flags as given (precision=auto); what the workers' device made of them:
+        resolved = {"precision_resolved": cfg.precision, "channels_last_resolved": cfg.channels_last}
         self.run = RunLogger.start(meta["tracking_uri"], cfg.experiment, cfg.run_name, run_id=meta["run_id"],
-                                   params={}, tags=tags)
+                                   params=resolved, tags=tags)
         self.started = time.perf_counter()
+        if asked is not None and (asked.precision, asked.channels_last) != (cfg.precision, cfg.channels_last):
+            self.say(f"[densenet_ray] on {_device_name(device)}: --precision {cfg.precision}"
+                     + (" (auto)" if asked.precision == "auto" else "")
+                     + f", channels_last {'on' if cfg.channels_last else 'off'}")
         if start_epoch:
             self.say(f"[densenet_ray] resumed run {cfg.run_name!r} from its checkpoint after epoch {start_epoch - 1}: "
                      f"continuing with epoch {start_epoch} of {cfg.epochs}")
@@ -440,6 +447,10 @@ def format_line(m: dict, epochs: int, eta_s: float) -> str:
         errors = f"top1 err {m['train_top1_err']:.4f} (train)  top5 err {m['train_top5_err']:.4f}"
     return (f"epoch {m['epoch'] + 1:>3}/{epochs}  loss {m['train_loss']:.4f}  {errors}  lr {m['lr']:.4g}  "
             f"{m['images_per_s']:.0f} img/s  data wait {m.get('data_wait_frac', 0):.0%}  ETA {duration(eta_s)}")
+
+
+def _native_bf16(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def _device_name(device) -> str:

@@ -35,6 +35,22 @@ def test_every_preset_resolves_and_builds(preset):
         *PRESET_ARCH[preset], channels, classes)
 
 
+@pytest.mark.parametrize("asked, gpu, bf16, resolved", [
+    (("auto", None), False, False, ("fp32", False)),    # CPU workers
+    (("auto", None), True, True, ("bf16", True)),       # Ampere and later
+    (("auto", None), True, False, ("fp16", True)),      # V100, T4: fp16 with the gradient scaler
+    (("fp32", None), True, True, ("fp32", False)),      # what is asked stays asked
+    (("bf16", False), True, True, ("bf16", False)),
+    (("auto", True), False, False, ("fp32", True)),
+])
+def test_precision_auto_resolves_for_the_workers_device(asked, gpu, bf16, resolved):
+    cfg = C.PRESETS["imagenet"].replace(precision=asked[0], channels_last=asked[1])
+    assert C.PRESETS["imagenet"].precision == "auto" and C.PRESETS["imagenet"].channels_last is None
+    out = cfg.for_device(gpu, bf16)
+    assert (out.precision, out.channels_last) == resolved
+    out.replace(run_name="r").validate()
+
+
 @pytest.mark.parametrize("name, text, value, typed", [
     ("epochs", "12", 12, 12), ("lr", "0.05", 0.05, 0.05), ("channels_last", "true", True, True),
     ("lr_milestones", "0.5,0.75", (0.5, 0.75), [0.5, 0.75]), ("image_size", "none", None, None),
@@ -87,7 +103,7 @@ def test_config_round_trips_through_a_dict():
     (["digits", "--epoch", "3"], "did you mean --epoch -> --epochs"),
     (["digits", "--epochs", "three"], "'three' is not an integer"),
     (["digits", "--batch-size", "63"], "--batch-size 63: expected a positive multiple of --workers (2)"),
-    (["digits", "--precision", "fp8"], "--precision 'fp8': expected fp32 or bf16 or fp16"),
+    (["digits", "--precision", "fp8"], "--precision 'fp8': expected auto or fp32 or bf16 or fp16"),
     (["digits", "--compression", "1.5"], "--compression 1.5: expected theta in (0, 1]"),
     (["digits", "--channels-last", "maybe"], "'maybe' is not a boolean"),
     (["digits", "--lr-milestones", "50,75"], "fractions of the epochs"),
@@ -116,7 +132,7 @@ def test_the_preset_may_stand_anywhere_among_the_flags(argv):
     cfg = C.from_args(argv)
     assert cfg.preset == "cifar10" and cfg.arch == "densenet_bc100_k12"
     assert cfg.workers == (4 if any("4" in a for a in argv) else 2)
-    assert cfg.channels_last == ("--channels-last" in argv)
+    assert cfg.channels_last == (True if "--channels-last" in argv else None)   # None: the device decides
 
 
 def test_a_flag_value_is_not_taken_for_the_preset():

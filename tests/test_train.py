@@ -133,6 +133,9 @@ def test_digits_demo_run_is_complete_in_mlflow(demo):
     client, run = demo["client"], demo["run"]
     assert_each_epoch_once(client, run, 15)
     assert run.data.params["arch"] == "densenet_bc22_k12" and run.data.params["workers"] == "2"
+    # --precision auto as given, and what the CPU workers made of it
+    assert (run.data.params["precision"], run.data.params["precision_resolved"]) == ("auto", "fp32")
+    assert run.data.params["channels_last_resolved"] == "False"
     assert {"ray_version", "torch_version", "device"} <= run.data.tags.keys()
     assert any(k.startswith("system/") for k in run.data.metrics), "no system metrics"
     assert {"config.json", "class_index.json", "training_curves.png"} <= {a.path for a in
