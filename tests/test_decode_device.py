@@ -11,8 +11,11 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
+from servers import the_run
+
 from densenet_ray import config as C
-from densenet_ray.data import DataError, device, read_split, transforms
+from densenet_ray import train
+from densenet_ray.data import DataError, device, read_split, sources, transforms, write
 from densenet_ray.data.device import Decoder
 from densenet_ray.data.pipeline import decode_batch
 from densenet_ray.data.transforms import output_shape
@@ -167,3 +170,36 @@ def test_decode_is_validated():
     assert C.PRESETS["digits"].decode == "pipeline"
     with pytest.raises(DataError, match="decode 'device' with transform 'cifar_train': expected"):
         read_split("/nowhere", "train", "cifar_train", decode="device")
+
+
+@pytest.fixture(scope="module")
+def digits_jpeg(tmp_path_factory, ray_local):
+    """scikit-learn's digits (the demo's split) upsampled to 32 px and stored as quality-95 grayscale
+    JPEGs in an ImageFolder layout, converted as a dataset of one's own would be."""
+    folder = tmp_path_factory.mktemp("digits_jpeg")
+    for split, items in sources.digits().splits.items():
+        for item in items:
+            at = folder / "images" / split / str(item.label)
+            at.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(item.payload[..., 0]).resize((32, 32), Image.BILINEAR).save(
+                at / f"{item.key.strip('digits[]')}.jpg", quality=95)
+    write.convert(sources.imagefolder(str(folder / "images")), str(folder / "ds"), progress=False)
+    return str(folder / "ds")
+
+
+@pytest.mark.slow
+def test_digits_stored_as_jpeg_and_decoded_in_the_workers_reach_the_demos_accuracy(digits_jpeg, tmp_path):
+    """The digits demo (15 epochs, 2 workers) with --decode device: every training row reaches the
+    workers as a JPEG and is decoded there (worker_decoded_rows), and validation error is within the
+    demo's bar (test_train: 5%)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rc = train.main(["digits", "--data", digits_jpeg, "--dataset", "custom", "--decode", "device",
+                     "--storage", str(tmp_path / "runs"), "--mlflow-tracking-uri", uri, "--run-name", "jpeg",
+                     "--max-failures", "0", "--progress-s", "0"])
+    assert rc == 0
+    client, run = the_run(uri, "jpeg")
+    assert run.data.params["decode"] == "device" and run.data.metrics["val_top1_err"] <= 0.05
+    decoded = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "worker_decoded_rows")}
+    images = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_images")}
+    assert decoded == images and len(decoded) == 15 and min(decoded.values()) > 0
+    assert run.data.metrics["skipped_rows"] == 0
