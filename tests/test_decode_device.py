@@ -203,3 +203,17 @@ def test_digits_stored_as_jpeg_and_decoded_in_the_workers_reach_the_demos_accura
     images = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_images")}
     assert decoded == images and len(decoded) == 15 and min(decoded.values()) > 0
     assert run.data.metrics["skipped_rows"] == 0
+
+
+def test_a_worker_counts_its_skipped_rows_in_the_jobs_counter(tmp_path, ray_local):
+    """data.skip_counter (what a worker's Decoder reports to) adds to the counter skipped_rows and
+    skipped_notes read, naming the split; with no counter in the job it does nothing, never raises."""
+    from densenet_ray.data import pipeline
+
+    root = str(tmp_path / "ds")
+    pipeline.skip_counter(root, "train")(1, ["key x: no counter yet"])   # no read_split: nothing to count in
+    pipeline._counter(root, "train")                                    # what read_split makes
+    pipeline.skip_counter(root, "train")(2, ["key a: JPEG does not decode in the training worker, skipped"])
+    assert pipeline.skipped_rows(root, "train") == 2
+    assert pipeline.skipped_notes(root, "train") == [
+        "split 'train', key a: JPEG does not decode in the training worker, skipped"]
