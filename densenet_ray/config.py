@@ -28,6 +28,9 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement
 SELECTIONS = ("last", "best")
 ORDERS = ("rows", "row_groups")
 NORMALIZATIONS = ("mean_std", "unit")
+DECODES = ("pipeline", "device")
+# data.device.DEVICE_TRANSFORMS (tests check the two agree): what a worker can crop, flip and colour itself.
+DEVICE_TRANSFORMS = ("imagenet_train", "imagenet_train_crop_flip", "none")
 # data.transforms.TRANSFORMS by use (tests check the two agree): ten crops give ten views of each
 # image, which only evaluate.py averages; training's evaluation takes one view, without randomness.
 TRAIN_TRANSFORMS = ("imagenet_train", "imagenet_train_crop_flip", "cifar_train", "imagenet_eval", "none")
@@ -99,6 +102,9 @@ class TrainConfig:
                       "split's rows) or row_groups (row groups in random order + the local buffer: streams, no "
                       "per-epoch barrier, but rows stored together stay near each other)")
     shuffle_buffer: int = _f(0, "rows in each worker's local shuffle buffer (seeded); 0: none")
+    decode: str = _f("pipeline", "where training images are decoded: pipeline (Ray Data's CPU tasks) or device (each "
+                     "worker decodes JPEG rows with torchvision.io.decode_jpeg on its GPU, nvJPEG; other formats "
+                     "still in the pipeline)")
     sync_bn: bool = _f(False, "SyncBatchNorm: batch statistics over every worker's images (for small per-worker batches)")
     seed: int = _f(0, "initial weights, the data order of every epoch, per-epoch dropout")
     # storage and tracking
@@ -208,6 +214,10 @@ class TrainConfig:
              "last when there is no --val-split: best needs validation to choose")
         need(self.shuffle in ORDERS, "shuffle", " or ".join(ORDERS))
         need(self.normalize in NORMALIZATIONS, "normalize", " or ".join(NORMALIZATIONS))
+        need(self.decode in DECODES, "decode", " or ".join(DECODES))
+        need(self.decode != "device" or self.train_transform in DEVICE_TRANSFORMS, "decode",
+             f"pipeline with --train-transform {self.train_transform} (device decodes "
+             + ", ".join(DEVICE_TRANSFORMS) + ")")
         need(not self.sync_bn or self.gpus_per_worker > 0, "sync_bn",
              "false on CPU workers: torch's SyncBatchNorm runs on GPUs only")
         need(not (self.sync_bn and self.memory_efficient), "sync_bn",

@@ -34,6 +34,7 @@ import ray.train.torch
 from densenet_ray import checkpoint, data, plots
 from densenet_ray.config import TrainConfig, from_dict, to_dict
 from densenet_ray.console import quiet_libraries, say
+from densenet_ray.data.device import Decoder
 from densenet_ray.progress import Progress, duration, stall_hint
 from densenet_ray.model import from_config
 from densenet_ray.tracking import registry
@@ -80,6 +81,8 @@ def train_loop(config: dict) -> None:
     train_step = torch.compile(model) if cfg.compile else model
     evaluate_fn = torch.compile(net) if cfg.compile else net
     prepare = Prepare(meta["mean"], meta["std"], cfg.channels_last, device)
+    decoder = Decoder(cfg.train_transform, meta["train_shape"], device, data.skip_counter(
+        cfg.data, cfg.train_split)) if cfg.decode == "device" else None   # --decode device: JPEGs decoded here
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.val_split else None
@@ -94,7 +97,7 @@ def train_loop(config: dict) -> None:
         meter.epoch_start(epoch, history[-1]["epoch_s"] if history else None)
         train_counts, data_wait, train_example = train_one_epoch(
             train_step, optimizer, scaler, train_shard, prepare, cfg, epoch, steps_per_epoch, device,
-            meter=meter, on_report=publisher.step if publisher else None)
+            meter=meter, on_report=publisher.step if publisher else None, decoder=decoder)
         train_s = time.perf_counter() - t0
         if world > 1:
             # DDP copies rank 0's BatchNorm statistics to the others at the start of each forward, so the
@@ -105,9 +108,12 @@ def train_loop(config: dict) -> None:
         example = val_example if val_example is not None else example if example is not None else train_example
         sums = summed({**{f"train_{k}": v for k, v in train_counts.items()},
                        **{f"val_{k}": v for k, v in val_counts.items()},
-                       "data_wait_s": data_wait, "train_s": train_s}, device)
+                       "data_wait_s": data_wait, "train_s": train_s,
+                       **({"worker_decoded_rows": decoder.take()} if decoder else {})}, device)
         metrics = epoch_metrics(sums, world, epoch, optimizer.param_groups[0]["lr"], time.perf_counter() - t0)
         metrics["data_wait_frac"] = largest(data_wait / max(train_s, 1e-9), device)
+        if decoder:  # JPEG rows the workers decoded this epoch
+            metrics["worker_decoded_rows"] = int(sums["worker_decoded_rows"])
         first_batch_share = meter.first_wait / data_wait if data_wait > 0 else 0.0
         if publisher:
             metrics.update(pipeline_figures(train_shard))
@@ -195,17 +201,18 @@ def select(cfg: TrainConfig, history: list[dict], best: dict | None, net) -> dic
 
 
 def train_one_epoch(model, optimizer, scaler, shard, prepare: Prepare, cfg: TrainConfig, epoch: int, steps: int,
-                    device, *, meter: Progress | None = None, on_report=None
+                    device, *, meter: Progress | None = None, on_report=None, decoder: Decoder | None = None
                     ) -> tuple[dict[str, torch.Tensor], float, torch.Tensor | None]:
     """One pass over this worker's share. Returns (its COUNTS; seconds spent waiting for data;
     two normalised images of the first batch, None when no batch came). `meter` (every rank, or
-    none) decides when a progress report is due; `on_report` (rank 0) receives it."""
+    none) decides when a progress report is due; `on_report` (rank 0) receives it. `decoder`
+    (--decode device) decodes the shard's encoded rows here; its time counts as waiting for data."""
     model.train()
     counts = _counts(device)
     data_wait, step, example = 0.0, 0, None
-    batches = iter(shard.iter_torch_batches(batch_size=cfg.batch_size // cfg.workers, drop_last=True,
-                                            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                                            prefetch_batches=2))
+    options = {"batch_size": cfg.batch_size // cfg.workers, "drop_last": True, "prefetch_batches": 2,
+               "local_shuffle_buffer_size": cfg.shuffle_buffer or None}
+    batches = iter(decoder.batches(shard, **options) if decoder else shard.iter_torch_batches(**options))
     while True:
         t = time.perf_counter()
         batch = next(batches, None)

@@ -152,14 +152,17 @@ def make_trainer(cfg: C.TrainConfig, manifest: data.Manifest, uri: str, run_id: 
     context.enable_progress_bars = cfg.verbose
     size, run_dir = cfg.image_size, f"{cfg.storage.rstrip('/')}/{cfg.run_name}"
     datasets = {"train": data.read_split(cfg.data, cfg.train_split, cfg.train_transform, image_size=size,
-                                         order=cfg.shuffle, seed=cfg.seed, manifest=manifest)}
+                                         order=cfg.shuffle, seed=cfg.seed, manifest=manifest, decode=cfg.decode)}
     for name, split in (("val", cfg.val_split), ("test", cfg.test_split)):
+        # Evaluation is decoded in the pipeline whatever --decode says: a small share of the images,
+        # through a deterministic transform (imagenet_eval, none) the device path does not have.
         if split:
             datasets[name] = data.read_split(cfg.data, split, cfg.eval_transform, image_size=size, manifest=manifest)
     mean, std = input_stats(cfg, manifest)
     meta = {"num_classes": manifest.num_classes, "channels": manifest.channels, "mean": mean, "std": std,
             "classes": list(manifest.classes), "dataset": manifest.display_name(),
             "fingerprint": manifest.fingerprint(), "train_rows": manifest.split(cfg.train_split).rows,
+            "train_shape": data.batch_shape(manifest, cfg.train_split, cfg.train_transform, size)[1],
             "run_id": run_id, "tracking_uri": uri, "register": register}
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}

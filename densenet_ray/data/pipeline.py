@@ -52,6 +52,7 @@ from ray.data.datasource import ReadTask
 from ray.train import DataConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from . import device
 from .counter import Counter
 from .manifest import DataError, load_manifest
 from .transforms import TRANSFORMS, output_shape
@@ -67,10 +68,11 @@ RETRY_S = 0.5   # before the second try; doubled before the third
 
 
 ORDERS = (None, "rows", "row_groups")
+DECODES = ("pipeline", "device")
 
 
 def read_split(root, split, transform, *, image_size=None, order=None, seed=0, first_epoch=0, with_keys=False,
-               manifest=None):
+               manifest=None, decode="pipeline"):
     """A ray.data.Dataset of {"image": uint8 (H, W, C), "label": int64} rows for `split` of the
     dataset at `root` (local path or URI), transformed by `transform` (a key of TRANSFORMS).
 
@@ -85,26 +87,28 @@ def read_split(root, split, transform, *, image_size=None, order=None, seed=0, f
     one, row groups that cannot be read are dropped whole; all are counted with the reason: see
     skipped_rows(root, split) and skipped_notes(root, split).
     "imagenet_tencrop" rows hold (10, H, W, C) images.
+    decode="device": rows of encoded JPEGs and their draws instead of images, for device.Decoder
+        in the workers (transforms in device.DEVICE_TRANSFORMS only); see data/device.py.
     """
     if transform not in TRANSFORMS:
         raise DataError(f"transform {transform!r}: expected one of {', '.join(TRANSFORMS)}")
     if order not in ORDERS:
         raise DataError(f"order {order!r}: expected rows, row_groups or None (as stored)")
+    if decode not in DECODES or (decode == "device" and transform not in device.DEVICE_TRANSFORMS):
+        raise DataError(f"decode {decode!r} with transform {transform!r}: expected decode 'pipeline', or 'device' "
+                        f"with one of the transforms {', '.join(device.DEVICE_TRANSFORMS)}")
     m = manifest or load_manifest(root)
     info = m.split(split)
-    size = image_size or (224 if transform.startswith("imagenet") else None)
-    if size is None and info.image_size is None:
-        raise DataError(f"{m.root}: split {split!r} holds images of different sizes; transform "
-                        f"{transform!r} needs image_size=N to give batches one shape")
+    size, shape = batch_shape(m, split, transform, image_size)
     fs, paths = m.shard_paths(split)
     units = [(p, g, sh.rows / sh.row_groups, f"{str(m.root).rstrip('/')}/{sh.file}")
              for p, sh in zip(paths, info.shards) for g in range(sh.row_groups)]
     if not units:
         raise DataError(f"{m.root}: split {split!r} has no rows")
     counter = _counter(m.root, split)
-    decode = {"transform": transform, "size": size, "mode": "L" if m.channels == 1 else "RGB",
-              "shape": output_shape(transform, size or info.image_size, m.channels),
-              "counter": counter, "classes": m.num_classes, "split": split, "keep_key": with_keys}
+    decode = {"transform": transform, "size": size, "mode": "L" if m.channels == 1 else "RGB", "shape": shape,
+              "counter": counter, "classes": m.num_classes, "split": split, "keep_key": with_keys,
+              "decode": decode}
     # The key is always read (a few bytes a row): a skipped row is named by it.
     columns = ["image", "label", "key"]
     skip = (counter, split)
@@ -122,6 +126,17 @@ def read_split(root, split, transform, *, image_size=None, order=None, seed=0, f
         ds.context.op_resource_reservation_enabled = False
     ds.context._execution_idx = first_epoch  # Ray Data counts executions from here: the epoch
     return ds
+
+
+def batch_shape(manifest, split, transform, image_size=None):
+    """(the size `transform` resizes to, or None: as stored; the (H, W, C) of one of its images)
+    for read_split(..., image_size=image_size) of `split`."""
+    size = image_size or (224 if transform.startswith("imagenet") else None)
+    stored = manifest.split(split).image_size
+    if size is None and stored is None:
+        raise DataError(f"{manifest.root}: split {split!r} holds images of different sizes; transform "
+                        f"{transform!r} needs image_size=N to give batches one shape")
+    return size, output_shape(transform, size or stored, manifest.channels)
 
 
 def _seed(seed):
@@ -186,38 +201,49 @@ def _reason(e, limit=200):
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def decode_batch(batch, *, transform, size, mode, shape, counter=None, classes=None, split="", keep_key=True):
+def decode_batch(batch, *, transform, size, mode, shape, counter=None, classes=None, split="", keep_key=True,
+                 decode="pipeline", rng=None):
     """Transform one batch of encoded rows. Rows whose image fails to decode, or whose label is not
     in 0..classes-1, are dropped and added to `counter` with the reason (naming the key when the
-    batch has one); `keep_key`: keep the "key" column in the output."""
+    batch has one); `keep_key`: keep the "key" column in the output. decode="device": rows for the
+    workers to decode instead (device.ship_batch; they keep the key, which names a row the worker
+    cannot decode). `rng`: the draws' generator (tests); by default fresh OS entropy."""
     fn = TRANSFORMS[transform]
-    rng = np.random.default_rng()   # fresh OS entropy: new augmentations every epoch
+    rng = rng or np.random.default_rng()   # fresh OS entropy: new augmentations every epoch
     labels = np.asarray(batch["label"])
-    out = np.empty((len(labels), *shape), np.uint8)
-    keep = np.zeros(len(out), bool)
     reasons = {}
     # A worker's cross-entropy would raise on a label outside the classes ("Target 999 is out of bounds");
     # a null label (NaN in a float column) compares False and is caught too.
     known = (labels >= 0) & (labels < classes) if classes is not None else np.ones(len(labels), bool)
-    for i, data in enumerate(batch["image"]):
-        if not known[i]:
+    if decode == "device":
+        for i in np.flatnonzero(~known):
             reasons[i] = f"label {labels[i]} is not a class (expected 0..{classes - 1})"
-            continue
-        try:
-            out[i] = fn(data, size, rng, mode)
-            keep[i] = True
-        except DECODE_ERRORS as e:
-            reasons[i] = f"image does not decode ({_reason(e, 120)})"
+        out, keep, dropped = device.ship_batch(batch["image"], known, transform=transform, size=size, mode=mode,
+                                               rng=rng)
+        reasons.update(dropped)
+        keep_key = True
+    else:
+        out = {"image": np.empty((len(labels), *shape), np.uint8)}
+        keep = np.zeros(len(labels), bool)
+        for i, data in enumerate(batch["image"]):
+            if not known[i]:
+                reasons[i] = f"label {labels[i]} is not a class (expected 0..{classes - 1})"
+                continue
+            try:
+                out["image"][i] = fn(data, size, rng, mode)
+                keep[i] = True
+            except DECODE_ERRORS as e:
+                reasons[i] = f"image does not decode ({_reason(e, 120)})"
     columns = [k for k in batch if k not in ("image", "label") and (keep_key or k != "key")]
     if keep.all():
-        return {"image": out, "label": labels.astype(np.int64, copy=False), **{k: batch[k] for k in columns}}
+        return {**out, "label": labels.astype(np.int64, copy=False), **{k: batch[k] for k in columns}}
     if counter is not None:
         keys = batch.get("key")
         notes = [f"split {split!r}, " + (f"key {str(keys[i])[:200]}" if keys is not None else f"row {i} of a block")
                  + f": {reason}, skipped" for i, reason in reasons.items()]
         ray.get(counter.add.remote(int((~keep).sum()), notes))
     # int64 again: a null label (a foreign shard) made the column float, and that row is gone
-    return {"image": out[keep], "label": labels[keep].astype(np.int64),
+    return {**{k: v[keep] for k, v in out.items()}, "label": labels[keep].astype(np.int64),
             **{k: np.asarray(batch[k])[keep] for k in columns}}
 
 
@@ -250,6 +276,19 @@ def new_skipped_notes(root, splits):
     new = [n for s in splits if s for n in skipped_notes(root, s) if n not in _told]
     _told.update(new)
     return new
+
+
+def skip_counter(root, split):
+    """add(n, notes): counts `n` rows of `split` as skipped, with the notes, in the job's counter
+    that skipped_rows reads; for a process other than the driver (a training worker's
+    device.Decoder). It never raises: one bad image must not fail a worker."""
+    def add(n, notes):
+        try:
+            counter = ray.get_actor(_counter_name(root, split))
+            ray.get(counter.add.remote(int(n), [f"split {split!r}, {note}" for note in notes]))
+        except (ValueError, ray.exceptions.RayError):   # no counter (no read_split in this job), or it died
+            pass
+    return add
 
 
 def dataset_config(equal=("train",), first_epoch=None):
