@@ -121,7 +121,7 @@ def test_jpeg_that_fails_in_the_worker_is_dropped_and_counted(photos, damage):
     bad = good[0][:len(good[0]) // 3] if damage == "truncated" else \
         good[0][:sos] + np.random.default_rng(0).integers(0, 256, len(good[0]) - sos, dtype=np.uint8).tobytes()
     batch = {"image": np.array([good[0], bad, good[1]], object), "label": np.array([0, 1, 2]),
-             "key": np.array(["a", "b", "c"], object)}
+             "key": np.array(["a", "b", "c"], object), "row": np.array([7, 8, 9])}   # row: read_split(row_ids=True)
     shape = (64, 64, 3)
     shipped = decode_batch(batch, transform="imagenet_train", size=64, mode="RGB", shape=shape, classes=3,
                            decode="device", rng=np.random.default_rng(0))
@@ -129,7 +129,7 @@ def test_jpeg_that_fails_in_the_worker_is_dropped_and_counted(photos, damage):
     skipped = []
     decoder = Decoder("imagenet_train", shape, "cpu", on_skip=lambda n, notes: skipped.append((n, notes)))
     got = decoder(shipped)
-    assert got["label"].tolist() == [0, 2] and got["image"].shape == (2, *shape)
+    assert got["label"].tolist() == [0, 2] and got["image"].shape == (2, *shape) and got["row"].tolist() == [7, 9]
     assert len(skipped) == 1 and skipped[0][0] == 1 and "key b" in skipped[0][1][0]
     assert decoder.counts == {"jpeg": 2, "pillow": 0, "pipeline": 0, "skipped": 1} and decoder.take() == 2
     ref = decode_batch(batch, transform="imagenet_train", size=64, mode="RGB", shape=shape, classes=3,

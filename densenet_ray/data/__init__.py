@@ -13,9 +13,10 @@ Data flows one way: sources (readers of the datasets people have) -> write (shar
 """
 
 from .manifest import MANIFEST, DataError, Manifest, Split, check, load_manifest
-from .pipeline import (batch_shape, dataset_config, new_skipped_notes, read_split, skip_counter, skipped_notes,
-                       skipped_rows)
+from .pipeline import (batch_shape, by_row_group, dataset_config, new_skipped_notes, read_split, row_id, skip_counter,
+                       skipped_notes, skipped_rows)
 from .transforms import TRANSFORMS
 
-__all__ = ["MANIFEST", "DataError", "Manifest", "Split", "TRANSFORMS", "batch_shape", "check", "dataset_config",
-           "load_manifest", "new_skipped_notes", "read_split", "skip_counter", "skipped_notes", "skipped_rows"]
+__all__ = ["MANIFEST", "DataError", "Manifest", "Split", "TRANSFORMS", "batch_shape", "by_row_group", "check",
+           "dataset_config", "load_manifest", "new_skipped_notes", "read_split", "row_id", "skip_counter",
+           "skipped_notes", "skipped_rows"]

@@ -116,7 +116,8 @@ class Decoder:
 
     def __call__(self, batch):
         """One numpy batch of ship_batch's rows -> {"image": uint8 (N, H, W, C), "label": int64 (N,)}
-        on the device, in the batch's order; rows that decode nowhere are left out (and counted)."""
+        on the device (and the rows' "row" ids, on the CPU, when they have them), in the batch's
+        order; rows that decode nowhere are left out (and counted)."""
         jpeg = np.asarray(batch["jpeg"], bool)
         at, dev = np.flatnonzero(jpeg), self.device
         images, failed = self._decode([batch["data"][i] for i in at])
@@ -131,12 +132,14 @@ class Decoder:
             out[torch.as_tensor(cpu, device=dev)] = torch.from_numpy(pixels).to(dev)
             self.counts["pipeline"] += len(cpu)
         labels = torch.as_tensor(np.asarray(batch["label"], np.int64))
+        ids = {"row": torch.as_tensor(np.asarray(batch["row"], np.int64))} if "row" in batch else {}  # row_ids: CPU
         if not failed:
-            return {"image": out, "label": labels.to(dev, non_blocking=True)}
+            return {"image": out, "label": labels.to(dev, non_blocking=True), **ids}
         self._skip(batch, at[failed])
         keep = np.ones(len(jpeg), bool)
         keep[at[failed]] = False
-        return {"image": out[torch.as_tensor(keep, device=dev)], "label": labels[torch.from_numpy(keep)].to(dev)}
+        return {"image": out[torch.as_tensor(keep, device=dev)], "label": labels[torch.from_numpy(keep)].to(dev),
+                **{k: v[torch.from_numpy(keep)] for k, v in ids.items()}}
 
     def _decode(self, blobs):
         """(CHW uint8 tensors on the device, positions that neither torchvision nor Pillow decodes).

@@ -72,7 +72,7 @@ DECODES = ("pipeline", "device")
 
 
 def read_split(root, split, transform, *, image_size=None, order=None, seed=0, first_epoch=0, with_keys=False,
-               manifest=None, decode="pipeline"):
+               manifest=None, decode="pipeline", row_ids=False, consumed=None):
     """A ray.data.Dataset of {"image": uint8 (H, W, C), "label": int64} rows for `split` of the
     dataset at `root` (local path or URI), transformed by `transform` (a key of TRANSFORMS).
 
@@ -89,6 +89,13 @@ def read_split(root, split, transform, *, image_size=None, order=None, seed=0, f
     "imagenet_tencrop" rows hold (10, H, W, C) images.
     decode="device": rows of encoded JPEGs and their draws instead of images, for device.Decoder
         in the workers (transforms in device.DEVICE_TRANSFORMS only); see data/device.py.
+    row_ids: also give each row its "row" (int64): where it is stored, row_id(row group, position),
+        the row group numbered in the split's order (manifest shards, then their row groups); the
+        same row has the same id in every epoch and every run on these shards.
+    consumed: consumed(epoch) -> the row ids (any int64 array-like) an execution of `epoch` leaves
+        out, or None; called when each epoch's reads are planned. A run resumed inside an epoch
+        passes the rows its checkpoint had trained on: the epoch reads the rest, undecoded rows are
+        never read twice. Must pickle (it runs where Ray plans the dataset).
     """
     if transform not in TRANSFORMS:
         raise DataError(f"transform {transform!r}: expected one of {', '.join(TRANSFORMS)}")
@@ -109,17 +116,18 @@ def read_split(root, split, transform, *, image_size=None, order=None, seed=0, f
     decode = {"transform": transform, "size": size, "mode": "L" if m.channels == 1 else "RGB", "shape": shape,
               "counter": counter, "classes": m.num_classes, "split": split, "keep_key": with_keys,
               "decode": decode}
+    ids = {"ids": row_ids, "consumed": consumed}
     # The key is always read (a few bytes a row): a skipped row is named by it.
     columns = ["image", "label", "key"]
     skip = (counter, split)
     if order == "rows":  # read encoded, shuffle every row, then decode
-        source = RowGroups(fs, units, columns, None, seed=None, skip=skip)
+        source = RowGroups(fs, units, columns, None, seed=None, skip=skip, **ids)
         ds = ray.data.read_datasource(source, override_num_blocks=len(units))
         # Ray Data reseeds from (seed, execution index) every execution: from (seed, epoch) here.
         ds = ds.random_shuffle(seed=RandomSeedConfig(seed=_seed(seed), reseed_after_execution=True))
         ds = ds.map_batches(decode_batch, fn_kwargs=decode, batch_size=None, batch_format="numpy")
     else:
-        source = RowGroups(fs, units, columns, decode, seed=None if order is None else _seed(seed), skip=skip)
+        source = RowGroups(fs, units, columns, decode, seed=None if order is None else _seed(seed), skip=skip, **ids)
         ds = ray.data.read_datasource(source, override_num_blocks=len(units))
         # One operator does all the work; Ray's per-operator reservation would hold half the CPUs back
         # for operators this dataset does not have (measured: one task at a time on a 2-CPU node).
@@ -143,16 +151,33 @@ def _seed(seed):
     return int(seed) % (2**31)
 
 
+ROW_BITS = 32   # a row id: the row group's number in the split, then the row's position in it
+
+
+def row_id(group, position):
+    """The id read_split(row_ids=True) gives the row at `position` of the split's `group`-th row group."""
+    return (np.asarray(group, np.int64) << ROW_BITS) | np.asarray(position, np.int64)
+
+
+def by_row_group(ids):
+    """{row group number: sorted positions} of row ids."""
+    ids = np.unique(np.asarray(ids, np.int64))
+    groups, positions = ids >> ROW_BITS, ids & ((1 << ROW_BITS) - 1)
+    cuts = np.flatnonzero(np.diff(groups)) + 1
+    return {int(g[0]): p for g, p in zip(np.split(groups, cuts), np.split(positions, cuts)) if len(g)}
+
+
 class RowGroups(ray.data.Datasource):
     """Shard row groups as Ray Data read tasks: each reads one row group (~8 MB) and decodes its
     images (`decode`; None: rows stay encoded), so reading and decoding are one step and
     parallelism is the number of row groups. Ray asks for the read tasks at every execution,
     i.e. every epoch: with a `seed` they come in the order of (seed, epoch)."""
 
-    def __init__(self, fs, units, columns, decode, seed, skip=None):
+    def __init__(self, fs, units, columns, decode, seed, skip=None, ids=False, consumed=None):
         super().__init__()
         self._fs, self._units, self._columns, self._decode, self._seed = fs, units, columns, decode, seed
         self._skip = skip   # (counter, split): where a row group that cannot be read is counted
+        self._ids, self._consumed = ids, consumed   # read_split's row_ids and consumed
         self._row_bytes = int(np.prod(decode["shape"])) if decode else 0
 
     def estimate_inmemory_data_size(self):
@@ -160,19 +185,23 @@ class RowGroups(ray.data.Datasource):
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
         order = range(len(self._units))
+        epoch = data_context._execution_idx if data_context is not None else 0
         if self._seed is not None:
-            epoch = data_context._execution_idx if data_context is not None else 0
             order = np.random.default_rng([self._seed, epoch]).permutation(len(self._units))
-        return [ReadTask(partial(read_row_group, self._fs, unit, self._columns, self._decode, self._skip),
-                         BlockMetadata(num_rows=None, size_bytes=int(unit[2] * self._row_bytes) or None,
-                                       exec_stats=None, input_files=[unit[0]]),
+        done = by_row_group(found) if self._consumed and (found := self._consumed(epoch)) is not None else {}
+        return [ReadTask(partial(read_row_group, self._fs, self._units[i], self._columns, self._decode, self._skip,
+                                 select=(i if self._ids else None, done.get(i))),
+                         BlockMetadata(num_rows=None, size_bytes=int(self._units[i][2] * self._row_bytes) or None,
+                                       exec_stats=None, input_files=[self._units[i][0]]),
                          per_task_row_limit=per_task_row_limit)
-                for unit in (self._units[i] for i in order)]
+                for i in order]
 
 
-def read_row_group(fs, unit, columns, decode, skip=None):
+def read_row_group(fs, unit, columns, decode, skip=None, select=(None, None)):
     """[one block]: the row group of `unit` (path, group, rows, name for people), decoded; no
-    block, counted in skip = (counter, split), when it cannot be read in READ_ATTEMPTS tries."""
+    block, counted in skip = (counter, split), when it cannot be read in READ_ATTEMPTS tries.
+    select = (the row group's number in the split: give each row its "row" id, or None; the
+    positions to leave out, or None)."""
     path, group, rows, name = unit
     for attempt in range(READ_ATTEMPTS):
         try:
@@ -189,9 +218,20 @@ def read_row_group(fs, unit, columns, decode, skip=None):
             ray.get(counter.add.remote(int(rows), [f"{name}: row group {group} ({int(rows)} rows of split {split!r}) "
                                                    f"cannot be read, skipped: {_reason(e)}"]))
             return []
+    number, leave = select
+    if number is not None or leave is not None:
+        keep = np.ones(len(t), bool)
+        if leave is not None:
+            keep[leave[leave < len(t)]] = False
+        if number is not None:
+            t = t.append_column("row", pa.array(row_id(number, np.arange(len(t)))))
+        if not keep.all():
+            t = t.filter(pa.array(keep))
+        if not len(t):
+            return []
     if decode is None:
         return [t]
-    batch = decode_batch({c: t[c].to_numpy(zero_copy_only=False) for c in columns}, **decode)
+    batch = decode_batch({c: t[c].to_numpy(zero_copy_only=False) for c in t.column_names}, **decode)
     return [BlockAccessor.batch_to_block(batch)]
 
 
