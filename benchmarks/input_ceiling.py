@@ -101,7 +101,8 @@ def worker_loop(config: dict) -> None:
         end = time.perf_counter()
         row = {"epoch": epoch, "images": n, "epoch_s": end - t0, "first_s": (first or end) - t0,
                # a rate over fewer than 3 batches says nothing: they may all have been prefetched
-               "after_first": (n - n_first) / (end - first) if n - n_first >= 3 * config["batch"] else None, "cpu_s": cpu_s() - c0}
+               "after_first": (n - n_first) / (end - first) if n - n_first >= 3 * config["batch"] else None,
+               "cpu_s": cpu_s() - c0}
         with open(config["out"], "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -182,6 +183,8 @@ def main() -> None:
         p.error("--epochs: at least 2 (the first includes start-up and is not counted)")
     cores = os.cpu_count() or 1
 
+    import ray
+
     from densenet_ray import runtime
 
     table = []
@@ -193,14 +196,16 @@ def main() -> None:
             t = time.perf_counter()
             folders[row] = (make_images(os.path.join(tmp, f"{kind}-src"), kind, n), n)
             print(f"made {n} {kind.upper()}s in {time.perf_counter() - t:.0f} s", flush=True)
+        # Shards in a Ray of their own, shut down before training starts: twice here a Ray worker process that
+        # had run a conversion task later aborted (abseil "Mutex corrupt") while the training pipeline used it
+        # (Ray retried its task).
+        roots = {row: to_shards(folder, os.path.join(tmp, ROWS[row][1]), holdout=n // 10)
+                 for row, (folder, n) in folders.items()}
+        ray.shutdown()
         runtime.connect(cpus=1 + 2, quiet=True)   # as train.connect: the worker's CPU plus two, at least the cores
         print(f"{cores} CPUs, torch {torch.__version__}, Ray's logical CPUs: "
               f"{runtime.cluster_cpus():g} (1 for the worker); {args.epochs} epochs, the first not counted",
               flush=True)
-        # every conversion before the first trainer: seen once here, a conversion task in a Ray worker process
-        # that a TorchTrainer run had used died of an abseil "Mutex corrupt" abort (Ray retried it)
-        roots = {row: to_shards(folder, os.path.join(tmp, ROWS[row][1]), holdout=n // 10)
-                 for row, (folder, n) in folders.items()}
         for row in rows:
             what, kind, transform, side, batch, _ = ROWS[row]
             root = roots[row]
@@ -209,8 +214,9 @@ def main() -> None:
             epochs = ours(root, transform, side, batch, args.epochs, tmp)
             for e in epochs:
                 print(f"  epoch {e['epoch'] + 1}: {e['images']} images in {e['epoch_s']:.1f} s (first batch after "
-                      f"{e['first_s']:.1f} s): {e['images'] / e['epoch_s']:.1f} img/s, {e['after_first'] or 0:.1f} after "
-                      f"the first batch, {1000 * e['cpu_s'] / max(e['images'], 1):.2f} CPU ms/img", flush=True)
+                      f"{e['first_s']:.1f} s): {e['images'] / e['epoch_s']:.1f} img/s, "
+                      f"{e['after_first'] or float('nan'):.1f} after the first batch, "
+                      f"{1000 * e['cpu_s'] / max(e['images'], 1):.2f} CPU ms/img", flush=True)
             steady = epochs[1:]
             rate = max(e["images"] / e["epoch_s"] for e in steady)
             after = max((e["after_first"] or 0) for e in steady) or float("nan")   # nan: one batch an epoch
