@@ -172,10 +172,13 @@ def main() -> None:
     p.add_argument("--png-images", type=int, default=30000, help="PNGs made (a tenth held out)")
     p.add_argument("--epochs", type=int, default=4, help="epochs of ours; the first (start-up) is not counted")
     p.add_argument("--ref-seconds", type=float, default=15, help="each reference pass runs at least this long")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 800 JPEGs, 2,000 PNGs, 2 epochs, 2 s passes")
+    p.add_argument("--batch", type=int, default=None, help="every row's batch (default: the row's, 256 or 64)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 800 JPEGs, 2,000 PNGs, batch 64, 2 epochs, 2 s reference passes")
     args = p.parse_args()
     if args.quick:
         args.jpeg_images, args.png_images, args.epochs, args.ref_seconds = 800, 2000, 2, 2
+        args.batch = args.batch or 64
     rows = [r.strip() for r in args.rows.split(",")]
     if unknown := [r for r in rows if r not in ROWS]:
         p.error(f"--rows {','.join(unknown)}: expected some of {', '.join(ROWS)}")
@@ -208,7 +211,7 @@ def main() -> None:
               flush=True)
         for row in rows:
             what, kind, transform, side, batch, _ = ROWS[row]
-            root = roots[row]
+            root, batch = roots[row], args.batch or batch
             ref_rate, ref_cpu = reference(root, transform, side, args.ref_seconds)
             print(f"\n{what}: reference (1 core) {ref_rate:.1f} img/s, {ref_cpu:.2f} CPU ms/img", flush=True)
             epochs = ours(root, transform, side, batch, args.epochs, tmp)
