@@ -208,12 +208,12 @@ def main() -> None:
     p.add_argument("--batch", default="", help="override batches, e.g. 121=128,bc100=64")
     p.add_argument("--image-size", default="", help="override image sides, e.g. 121=64")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: 80 JPEGs at 64 px batch 8, 400 PNGs batch 16, 2 epochs, 1 warm-up and 2 timed "
+                   help="a smoke run: 80 JPEGs at 64 px batch 8, 400 PNGs batch 16, 2 epochs, 2 warm-up and 4 timed "
                         "steps")
     args = p.parse_args()
     args.batches, args.sides = pairs(args.batch), pairs(args.image_size)
     if args.quick:
-        args.jpeg_images, args.png_images, args.epochs, args.warmup, args.steps = 80, 400, 2, 1, 2
+        args.jpeg_images, args.png_images, args.epochs, args.warmup, args.steps = 80, 400, 2, 2, 4
         args.batches = {"121": 8, "bc100": 16, **args.batches}
         args.sides = {"121": 64, **args.sides}
     if args.compile_backend is None:
