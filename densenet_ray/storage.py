@@ -77,8 +77,9 @@ def kind(location) -> str:
 def check(location, flag: str) -> None:
     """StorageError, in seconds, unless the bucket of a URI (`flag` says which: --data, --storage)
     exists and answers with the settings in force: an object store lists a missing bucket as an
-    empty folder, which would otherwise surface as "no dataset" or as a fresh run. Local paths pass."""
-    if "://" not in str(location) or str(location).startswith("file://"):
+    empty folder, which would otherwise surface as "no dataset" or as a fresh run. Local paths, and
+    filesystems without buckets (hdfs://), pass."""
+    if not str(location).startswith(("s3://", "gs://", "gcs://")):
         return
     fs, path = filesystem(location)
     bucket = path.lstrip("/").split("/")[0]
