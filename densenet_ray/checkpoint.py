@@ -50,7 +50,8 @@ def save(state: dict, folder: str) -> None:
 def newest(run_dir: str) -> str | None:
     """The state.pt of the newest epoch folder in `run_dir` (a path or URI), None when it has none."""
     fs, path = storage.filesystem(run_dir)
-    found = _newest_file(fs, path)
+    with storage.reaching(run_dir):
+        found = _newest_file(fs, path)
     return storage.uri_of(found, like=str(run_dir)) if found else None
 
 
@@ -91,9 +92,13 @@ def load(source: str, *, trust_pickle: bool = False) -> tuple[dict, str]:
         fs, path = storage.filesystem(source)
     except storage.StorageError as e:
         raise CheckpointError(f"{e}; expected {ACCEPTED}") from None
-    file = _find(fs, path, str(source))
-    with fs.open_input_file(file) as f:
-        raw = f.read()
+    try:
+        with storage.reaching(source):
+            file = _find(fs, path, str(source))
+            with fs.open_input_file(file) as f:
+                raw = f.read()
+    except storage.StorageError as e:
+        raise CheckpointError(str(e)) from None
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:

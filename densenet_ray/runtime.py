@@ -3,6 +3,7 @@ join the cluster there is, else start a local Ray on this machine sized for the 
 
     connect()                        # RAY_ADDRESS / `ray job submit` / `ray start`, else a local Ray
     connect(cpus=6)                  # a local Ray gets at least 6 logical CPUs (the OS shares the cores)
+    forwarded_env()                  # the S3 settings (AWS_ENDPOINT_URL, ...) this job's workers are given
     require_spare_cpu(reserved=4)    # ClusterError unless Ray Data keeps a CPU besides the reserved 4
     require_placement(workers=4, cpus=1, gpus=1, strategy="STRICT_SPREAD")   # ClusterError unless it can be placed
     n, resources = pool_size(None)   # inference actors over the cluster: one per GPU, else per 2 CPUs
@@ -10,6 +11,7 @@ join the cluster there is, else start a local Ray on this machine sized for the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -21,6 +23,14 @@ class ClusterError(ValueError):
     """A Ray cluster that cannot run the job as asked; the message says what to change."""
 
 
+# What the S3 clients in the workers read from their environment (pyarrow's S3FileSystem for data and
+# checkpoints, boto3 when MLflow writes to S3 itself): an S3-compatible endpoint (MinIO, Ceph) and its
+# credentials. Workers of a cluster this process joins were started with the nodes' environment, not
+# this one's: connect() gives them these, as set here.
+S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_EC2_METADATA_DISABLED", "MLFLOW_S3_ENDPOINT_URL")
+
+
 def connect(cpus: float = 0, *, quiet: bool = False) -> None:
     """Join the running cluster (`ray job submit`, RAY_ADDRESS, `ray start` on this machine), else
     start a local Ray with max(cores, `cpus`) logical CPUs. A cluster that `ray start` recorded
@@ -30,8 +40,11 @@ def connect(cpus: float = 0, *, quiet: bool = False) -> None:
     # quiet: Ray's own info lines (start-up, dashboard address) off, and Ray Data's in this job's workers
     # ("Dataset ... execution finished" from every epoch's coordinator); their warnings stay
     level = {"logging_level": logging.WARNING if quiet else logging.INFO}
+    env_vars = forwarded_env()
     if quiet and "RAY_DATA_LOG_LEVEL" not in os.environ:  # merged per variable with a submitted job's own
-        level["runtime_env"] = {"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}}
+        env_vars["RAY_DATA_LOG_LEVEL"] = "WARNING"
+    if env_vars:
+        level["runtime_env"] = {"env_vars": env_vars}
     local = {"num_cpus": max(os.cpu_count() or 1, int(-(-cpus // 1))), **level}
     recorded = recorded_cluster()
     if os.environ.get("RAY_ADDRESS"):
@@ -47,6 +60,20 @@ def connect(cpus: float = 0, *, quiet: bool = False) -> None:
             if "existing cluster" not in str(err):
                 raise
             ray.init(**level)
+
+
+def forwarded_env() -> dict:
+    """The S3_SETTINGS set in this process's environment, for the job's runtime env: every task and
+    worker of the job gets them. Those a submitted job's own runtime env already sets (`ray job submit
+    --runtime-env-json`) are left to it: Ray refuses a variable given twice, and gives them anyway."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    try:
+        submitted = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}").get("runtime_env") or {}
+    except ValueError:
+        submitted = {}
+    given = submitted.get("env_vars") or {}
+    return {name: os.environ[name] for name in S3_SETTINGS if name in os.environ and name not in given}
 
 
 def recorded_cluster_file() -> str:

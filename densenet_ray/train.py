@@ -118,6 +118,8 @@ def preflight(cfg: C.TrainConfig, concurrent: int = 1) -> tuple[str, data.Manife
         print(f"[densenet_ray] {warning}", flush=True)
     uri = resolve_tracking_uri(cfg.mlflow_tracking_uri)
     check_tracking(uri)
+    storage.check(cfg.data, "--data")
+    storage.check(cfg.storage, "--storage")
     connect(cfg, concurrent)
     manifest = prepare_data(cfg)
     if len(runtime.cpu_nodes()) > 1:

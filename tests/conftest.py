@@ -13,6 +13,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        # Every Ray worker inherits it: a test whose S3 credentials went missing fails, instead of asking
+        # 169.254.169.254 (EC2's metadata service) for them, as the AWS SDKs do last.
+        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
         # 4 logical CPUs on a 2-core machine: two 1-CPU training workers must leave room for
         # Ray Data's read/decode tasks, or the pipeline starves and the test hangs.
         # address="local": always a fresh instance of our own, never a cluster `ray start` left here.

@@ -12,6 +12,13 @@ def test_ray_autoscaler_limit_used_to_size_the_cluster():  # runtime.cluster_cpu
     assert callable(state.get_max_resources_from_cluster_config)
 
 
+def test_ray_submitted_job_runtime_env_variable():  # runtime.forwarded_env
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+    from ray._private.worker import init
+
+    assert RAY_JOB_CONFIG_JSON_ENV_VAR in inspect.getsource(init)  # still how a submitted job's driver learns it
+
+
 def test_ray_train_data_config_internals_used_for_unequal_shares():  # data.pipeline._Shares
     config = DataConfig()
     assert hasattr(config, "_enable_shard_locality")

@@ -153,7 +153,13 @@ def load_manifest(root):
     root = str(root).rstrip("/")
     fs, base = filesystem(root)
     where = f"{root}/{MANIFEST}"
-    info = fs.get_file_info(posixpath.join(base, MANIFEST))
+    try:
+        with storage.reaching(root):
+            info = fs.get_file_info(posixpath.join(base, MANIFEST))
+        if info.type == pafs.FileType.NotFound:
+            storage.check(root, "dataset")   # a missing bucket lists as an empty folder
+    except storage.StorageError as e:
+        raise DataError(str(e)) from None
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{where}: no manifest. A dataset folder is written by "
                         "`python -m densenet_ray.data convert ...`")

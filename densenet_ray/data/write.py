@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from densenet_ray import runtime
+from densenet_ray import runtime, storage
 
 from .counter import Counter
 from .images import Rejected, channel_histograms, encode_array, mean_std, prepare
@@ -123,7 +123,11 @@ def convert(source, out, *, shard_mb=SHARD_MB, max_side=None, quality=90, seed=0
 
 def _previous(fs, base, out, overwrite):
     """The shard files of the dataset at OUT ({} if none), after checking that OUT can be one."""
-    found = fs.get_file_info(base).type
+    try:
+        storage.check(out, "OUT")   # an object store's missing bucket or endpoint, named with its settings
+        found = fs.get_file_info(base).type
+    except storage.StorageError as e:
+        raise DataError(str(e)) from None
     if found not in (pafs.FileType.NotFound, pafs.FileType.Directory):
         raise DataError(f"{out}: {'a file' if found == pafs.FileType.File else 'not a folder'}; OUT is the "
                         "dataset folder to write: a missing or empty folder, or a dataset to replace (--overwrite)")
