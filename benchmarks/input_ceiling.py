@@ -75,12 +75,15 @@ def worker_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     ray_root = psutil.Process(config["driver_pid"])
 
+    me = os.getpid()
+
     def cpu_s():
-        total = 0.0
+        """CPU seconds so far of every process of the local Ray, by role (see ROLES)."""
+        total = dict.fromkeys(ROLES, 0.0)
         for p in [ray_root, *ray_root.children(recursive=True)]:
             try:
                 t = p.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
+                total[role(p, me, ray_root.pid)] += t.user + t.system + t.children_user + t.children_system
             except psutil.Error:
                 pass
         return total
@@ -102,9 +105,31 @@ def worker_loop(config: dict) -> None:
         row = {"epoch": epoch, "images": n, "epoch_s": end - t0, "first_s": (first or end) - t0,
                # a rate over fewer than 3 batches says nothing: they may all have been prefetched
                "after_first": (n - n_first) / (end - first) if n - n_first >= 3 * config["batch"] else None,
-               "cpu_s": cpu_s() - c0}
+               "cpu_by_role": {k: v - c0[k] for k, v in cpu_s().items()}}
+        row["cpu_s"] = sum(row["cpu_by_role"].values())
         with open(config["out"], "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+# Where the CPU of our pipeline goes: the processes of the local Ray by role.
+ROLES = ("training worker", "Ray Data tasks", "Ray Data coordinator", "Ray Train controller", "Ray daemons",
+         "driver")
+
+
+def role(p, worker_pid: int, driver_pid: int) -> str:
+    """The ROLES entry of process `p` (a psutil.Process of the local Ray)."""
+    if p.pid == worker_pid:
+        return "training worker"
+    if p.pid == driver_pid:
+        return "driver"
+    title = " ".join(p.cmdline()[:2])
+    if "SplitCoordinator" in title:
+        return "Ray Data coordinator"
+    if "TrainController" in title or "RayTrainWorker" in title:
+        return "Ray Train controller"
+    if title.startswith("ray::") or "default_worker.py" in title or "setup_worker.py" in title:
+        return "Ray Data tasks"   # task workers (read, shuffle, decode) and idle ones: one pool
+    return "Ray daemons"   # raylet, gcs_server, dashboard and its agents, log monitor
 
 
 def ours(root: str, transform: str, side: int, batch: int, epochs: int, tmp: str) -> list[dict]:
@@ -221,6 +246,10 @@ def main() -> None:
                       f"{e['after_first'] or float('nan'):.1f} after the first batch, "
                       f"{1000 * e['cpu_s'] / max(e['images'], 1):.2f} CPU ms/img", flush=True)
             steady = epochs[1:]
+            roles = {k: sum(e["cpu_by_role"][k] for e in steady) / sum(e["images"] for e in steady) * 1000
+                     for k in ROLES}
+            print("  CPU ms/img by process (epochs after the first): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in roles.items()), flush=True)
             rate = max(e["images"] / e["epoch_s"] for e in steady)
             after = max((e["after_first"] or 0) for e in steady) or float("nan")   # nan: one batch an epoch
             cpu = min(1000 * e["cpu_s"] / max(e["images"], 1) for e in steady)

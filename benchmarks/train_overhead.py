@@ -146,6 +146,25 @@ def model_step_ms(row: str, threads: int, batch: int, classes: int, steps: int =
     return 1000 * float(np.median(times[2:]))
 
 
+def ray_at_rest(seconds: float = 15.0) -> float:
+    """Cores the local Ray's processes (this driver's descendants: GCS, raylet, dashboard and its
+    agents, idle workers) use while no job runs: what they take from training on every core."""
+    import psutil
+
+    def used():
+        total = 0.0
+        for p in psutil.Process().children(recursive=True):
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+    c0, t0 = used(), time.perf_counter()
+    time.sleep(seconds)
+    return (used() - c0) / (time.perf_counter() - t0)
+
+
 def ray_run(row: str, root: str, epochs: int, workers: int, tmp: str, *extra: str) -> dict:
     """The last epoch's metrics of `python -m densenet_ray.train` on this data."""
     what, (arch, over), transform, side, batch, kind = ROWS[row]
@@ -199,10 +218,12 @@ def main() -> None:
             if args.progress_overhead:
                 progress_overhead(args, row, root, tmp)
                 continue
+            print(f"  Ray's processes at rest: {ray_at_rest():.2f} cores", flush=True)
             plain = plain_loop(row, root, args.epochs)
             table.append((what, "plain loop (pre-decoded)", plain, 1.0, "", ""))
             for workers in layouts:
                 metrics = ray_run(row, root, args.epochs, workers, tmp)
+                print(f"  Ray's processes at rest after the run: {ray_at_rest():.2f} cores", flush=True)
                 rate = metrics["images_per_s"]
                 threads, per_batch = max(1, (os.cpu_count() or 1) // workers), batch // workers
                 model_ms = model_step_ms(row, threads, per_batch, m.num_classes)
