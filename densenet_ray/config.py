@@ -111,6 +111,10 @@ class TrainConfig:
     storage: str = _f(os.path.join(HOME, "runs"), "checkpoints; shared (s3://, NFS) on multi-node clusters")
     run_name: str | None = _f(None, "None: PRESET-ARCH-TIMESTAMP; the same name and storage resume a run")
     max_failures: int = _f(2, "worker/node failures survived, each resuming from the last checkpoint")
+    checkpoint_every_steps: int = _f(0, "also checkpoint inside an epoch every N optimizer steps (a run resumes at "
+                                     "the step, every image still used once an epoch); 0: at epoch ends only")
+    checkpoint_every_min: float = _f(0.0, "also checkpoint inside an epoch every M minutes; 0: off. A SIGTERM to a "
+                                     "worker or the driver always checkpoints at the next step")
     mlflow_tracking_uri: str | None = _f(None, "None: $MLFLOW_TRACKING_URI, else the embedded SQLite store")
     experiment: str = _f("densenet_ray", "MLflow experiment")
     registered_model: str | None = _f(None, "None: densenet-DATASET, after the dataset's name in its manifest")
@@ -200,6 +204,9 @@ class TrainConfig:
              f"a total depth L such as 40, 100 or 190 (at most {MAX_DEPTH})")
         need(self.progress_s >= 0 and math.isfinite(self.progress_s), "progress_s", "seconds, 0 or more (0: no progress lines)")
         need(self.shuffle_buffer >= 0, "shuffle_buffer", "0 or more rows")
+        need(self.checkpoint_every_steps >= 0, "checkpoint_every_steps", "0 (off) or a number of steps")
+        need(self.checkpoint_every_min >= 0 and math.isfinite(self.checkpoint_every_min), "checkpoint_every_min",
+             "0 (off) or minutes")
         need(path_component_problem(self.run_name) is None, "run_name", f"{path_component_problem(self.run_name)}")
         need(bool(self.experiment.strip()), "experiment", "an MLflow experiment name, not empty")
         need(bool(self.data.strip()), "data", "a dataset folder or URI, not empty")

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 
 import ray.train
 import ray.train.torch
-from densenet_ray import checkpoint, data
+from densenet_ray import checkpoint, data, preempt
 from densenet_ray.config import TrainConfig, from_dict, to_dict
 from densenet_ray.console import quiet_libraries
 from densenet_ray.data.device import Decoder
+from densenet_ray.position import Position
 from densenet_ray.progress import Progress
 from densenet_ray.publisher import Publisher
 from densenet_ray.model import from_config
@@ -66,16 +67,16 @@ def train_loop(config: dict) -> None:
                                 dampening=0.0, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
-    start_epoch, history, example, best = 0, [], None, None
-    if saved := ray.train.get_checkpoint():
-        with saved.as_directory() as folder:
-            state, _ = checkpoint.load(folder)
+    start_epoch, start_step, history, example, best = 0, 0, [], None, None
+    if state := resume_state(cfg):
         check_resumable(state, cfg, meta)
         restore(state, cfg, net, optimizer, scaler)
-        start_epoch, history, example = state["epoch"] + 1, state["history"], state.get("example")
+        start_step = state.get("step", 0)   # > 0: saved inside epoch state["epoch"], after that many steps
+        start_epoch, history, example = state["epoch"] + (0 if start_step else 1), state["history"], state.get("example")
         best = state.get("best")
 
-    publisher = Publisher(cfg, meta, history, start_epoch, world, device, console, asked) if rank == 0 else None
+    publisher = Publisher(cfg, meta, history, start_epoch, world, device, console, asked,
+                          start_step=start_step) if rank == 0 else None
     train_step = torch.compile(model) if cfg.compile else model
     evaluate_fn = torch.compile(net) if cfg.compile else net
     prepare = Prepare(meta["mean"], meta["std"], cfg.channels_last, device)
@@ -86,16 +87,47 @@ def train_loop(config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val") if cfg.val_split else None
     steps_per_epoch = meta["train_rows"] // cfg.batch_size
     meter = Progress(cfg.progress_s, steps_per_epoch, cfg.epochs, world, device, rank, cfg.batch_size)
+    where = Position(cfg.checkpoint_every_steps, cfg.checkpoint_every_min, world, rank, device,
+                     preempt.Watch(cfg.run_name, rank))
     if publisher and meter.on and start_epoch < cfg.epochs:
         publisher.say(f"epoch {start_epoch + 1:>3}/{cfg.epochs} waiting for the first batch: starting the input "
                       f"pipeline (reading and decoding {cfg.data})")
+    earlier = None
+
+    def state_of(epoch: int, step: int = 0) -> dict:
+        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step": step, "history": history, "config": to_dict(cfg),
+                "classes": list(meta["classes"]), "mean": meta["mean"], "std": meta["std"], "run_id": meta["run_id"],
+                "example": example,  # two normalised inputs: the signature of a model registered later
+                "best": best,        # the epoch with the lowest val_top1_err so far, and its weights
+                # Informational: every epoch reseeds from (seed, epoch, rank), so epoch and seed restore it.
+                "rng": {"torch": torch.get_rng_state()}}
+
+    def save_inside(step: int, counts: dict) -> None:
+        """Every rank, at a step they agreed on: the rows trained so far and the counts to date to
+        rank 0, which writes the checkpoint; a SIGTERM that asked for it is then let go."""
+        rows, sums = where.gather(), summed(counts, device)
+        written = ""
+        if publisher:
+            sums = {k: v + (earlier or {}).get(k, 0.0) for k, v in sums.items()}
+            written = publisher.inside_epoch({**state_of(where.epoch, step), "counts": sums}, rows, where.preempted)
+        if where.preempted:
+            where.watch.handled(where.preempted, written)
+
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
         t0 = time.perf_counter()
         meter.epoch_start(epoch, history[-1]["epoch_s"] if history else None)
+        step0 = start_step if epoch == start_epoch else 0
+        where.epoch_start(epoch, step0, state.get("rows") if step0 else None)
+        earlier = state.get("counts") if step0 and rank == 0 else None   # the stretch before the resume
+
         train_counts, data_wait, train_example = train_one_epoch(
             train_step, optimizer, scaler, train_shard, prepare, cfg, epoch, steps_per_epoch, device,
-            meter=meter, on_report=publisher.step if publisher else None, decoder=decoder)
+            meter=meter, on_report=publisher.step if publisher else None, decoder=decoder,
+            start_step=step0, where=where, on_checkpoint=save_inside)
+        for k, v in (earlier or {}).items():   # rank 0 adds the stretch before the resume, once, to the sums
+            train_counts[k] += v
         train_s = time.perf_counter() - t0
         if world > 1:
             # DDP copies rank 0's BatchNorm statistics to the others at the start of each forward, so the
@@ -123,14 +155,7 @@ def train_loop(config: dict) -> None:
         if cfg.select == "best":  # a CPU copy of the weights only when they can be chosen
             best = better(best, metrics, net)
         if publisher:
-            publisher.epoch_end(metrics, first_batch_share, {
-                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "history": history, "config": to_dict(cfg), "classes": list(meta["classes"]),
-                "mean": meta["mean"], "std": meta["std"], "run_id": meta["run_id"],
-                "example": example,  # two normalised inputs: the signature of a model registered later
-                "best": best,        # the epoch with the lowest val_top1_err so far, and its weights
-                # Informational: every epoch reseeds from (seed, epoch, rank), so epoch and seed restore it.
-                "rng": {"torch": torch.get_rng_state()}})
+            publisher.epoch_end(metrics, first_batch_share, state_of(epoch))
         else:
             ray.train.report(metrics)
 
@@ -141,6 +166,7 @@ def train_loop(config: dict) -> None:
         test = held_out_metrics(summed(counts, device), cfg.test_split)
     if publisher:
         publisher.finish(net, example, selected, test)
+    preempt.stop_watching()
 
 
 class Prepare:
@@ -161,6 +187,23 @@ class Prepare:
         # weights' gradient strides differ from its buckets'. Make the layout what was asked for.
         return x if self.channels_last else x.clone(memory_format=torch.contiguous_format) if x.shape[1] == 1 \
             else x.contiguous()
+
+
+def resume_state(cfg: TrainConfig) -> dict | None:
+    """The newest checkpoint of the run (at an epoch's end or inside one, from its storage folder,
+    as the driver and the data's first epoch see it; Ray Train's own only when the folder has none),
+    with "rows" (the row ids it had trained on) when saved inside an epoch; None: a new run."""
+    run_dir = f"{cfg.storage.rstrip('/')}/{cfg.run_name}"
+    if found := checkpoint.newest(run_dir):
+        state, _ = checkpoint.load(found)
+    elif saved := ray.train.get_checkpoint():
+        with saved.as_directory() as folder:
+            state, _ = checkpoint.load(folder)
+    else:
+        return None
+    if checkpoint.inside_epoch(state):
+        state["rows"] = checkpoint.consumed_rows(run_dir, state["epoch"])
+    return state
 
 
 def restore(state: dict, cfg: TrainConfig, net, optimizer, scaler) -> None:
@@ -199,15 +242,18 @@ def select(cfg: TrainConfig, history: list[dict], best: dict | None, net) -> dic
 
 
 def train_one_epoch(model, optimizer, scaler, shard, prepare: Prepare, cfg: TrainConfig, epoch: int, steps: int,
-                    device, *, meter: Progress | None = None, on_report=None, decoder: Decoder | None = None
+                    device, *, meter: Progress | None = None, on_report=None, decoder: Decoder | None = None,
+                    start_step: int = 0, where: Position | None = None, on_checkpoint=None
                     ) -> tuple[dict[str, torch.Tensor], float, torch.Tensor | None]:
     """One pass over this worker's share. Returns (its COUNTS; seconds spent waiting for data;
     two normalised images of the first batch, None when no batch came). `meter` (every rank, or
     none) decides when a progress report is due; `on_report` (rank 0) receives it. `decoder`
-    (--decode device) decodes the shard's encoded rows here; its time counts as waiting for data."""
+    (--decode device) decodes the shard's encoded rows here; its time counts as waiting for data.
+    A resumed epoch counts its steps from `start_step`. `where` (every rank, or none) keeps the
+    batches' row ids and decides when `on_checkpoint(step, counts)` runs (on every rank)."""
     model.train()
     counts = _counts(device)
-    data_wait, step, example = 0.0, 0, None
+    data_wait, step, example = 0.0, start_step, None
     options = {"batch_size": cfg.batch_size // cfg.workers, "drop_last": True, "prefetch_batches": 2,
                "local_shuffle_buffer_size": cfg.shuffle_buffer or None}
     batches = iter(decoder.batches(shard, **options) if decoder else shard.iter_torch_batches(**options))
@@ -231,6 +277,10 @@ def train_one_epoch(model, optimizer, scaler, shard, prepare: Prepare, cfg: Trai
         scaler.update()
         _add(counts, loss.detach().double() * len(y), logits.detach().float(), y)
         step += 1
+        if where is not None:
+            where.add(batch.get("row"), step)
+            if where.due(step) and on_checkpoint:
+                on_checkpoint(step, counts)
         if meter and (report := meter.step(step, loss, optimizer.param_groups[0]["lr"], waited)) and on_report:
             on_report(report, meter.line(report))
     return counts, data_wait, example

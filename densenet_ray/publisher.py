@@ -29,10 +29,13 @@ class Publisher:
     """Rank 0's side effects, all in one place: checkpoint files, MLflow, the console line."""
 
     def __init__(self, cfg: TrainConfig, meta: dict, history: list[dict], start_epoch: int, world: int,
-                 device, console=None, asked: TrainConfig | None = None) -> None:
+                 device, console=None, asked: TrainConfig | None = None, start_step: int = 0) -> None:
         self.cfg, self.meta, self.start_epoch, self.console = cfg, meta, start_epoch, console
+        self.run_dir = f"{cfg.storage.rstrip('/')}/{cfg.run_name}"
         tags = {"workers": str(world), "device": str(device), "device_name": _device_name(device)}
-        if start_epoch:  # where the latest (re)start picked up, for people and for the fault tests
+        if start_epoch or start_step:  # where the latest (re)start picked up, for people and for the fault tests
+            tags["densenet_ray.resumed_at"] = f"epoch {start_epoch} step {start_step}"
+        if start_epoch and not start_step:
             tags["densenet_ray.resumed_after_epoch"] = str(start_epoch - 1)
         # The driver logged the flags as given (precision=auto); what the workers' device made of them:
         resolved = {"precision_resolved": cfg.precision, "channels_last_resolved": cfg.channels_last}
@@ -43,7 +46,10 @@ class Publisher:
             self.say(f"[densenet_ray] on {_device_name(device)}: --precision {cfg.precision}"
                      + (" (auto)" if asked.precision == "auto" else "")
                      + f", channels_last {'on' if cfg.channels_last else 'off'}")
-        if start_epoch:
+        if start_step:
+            self.say(f"[densenet_ray] resumed run {cfg.run_name!r} inside epoch {start_epoch + 1} of {cfg.epochs}, after "
+                     f"its step {start_step}: the epoch reads only the images it had not trained on")
+        elif start_epoch:
             self.say(f"[densenet_ray] resumed run {cfg.run_name!r} from its checkpoint after epoch {start_epoch - 1}: "
                      f"continuing with epoch {start_epoch} of {cfg.epochs}")
             for metrics in history:  # an epoch whose MLflow points were lost in a crash; the rest are skipped
@@ -61,11 +67,23 @@ class Publisher:
         self.run.log_epoch(report["global_step"], {k: report[k] for k in
                                                    ("step_train_loss", "step_images_per_s", "step_data_wait_frac", "step_lr")})
 
+    def inside_epoch(self, state: dict, rows, preempted: str | None) -> str:
+        """A checkpoint inside the epoch (`state` with its step, `rows` the ids trained on so far),
+        written into the run folder; the one it supersedes deleted. Returns where."""
+        t = time.perf_counter()
+        where = checkpoint.save_inside(self.run_dir, state, rows)
+        pause = time.perf_counter() - t
+        self.run.log_epoch(state["epoch"] * (self.meta["train_rows"] // self.cfg.batch_size) + state["step"], {"checkpoint_pause_s": pause})
+        self.say(f"[densenet_ray] {f'SIGTERM to the {preempted}: ' if preempted else ''}checkpoint inside epoch {state['epoch'] + 1} after "
+                 f"step {state['step']} ({len(rows)} images trained on, written in {pause:.2f} s): {where}")
+        return where
+
     def epoch_end(self, metrics: dict, first_batch_share: float, state: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             checkpoint.save(state, folder)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=checkpoint.folder_name(metrics["epoch"]))
+        checkpoint.prune(self.run_dir)   # the epoch's checkpoints inside it are superseded
         self.run.log_epoch(metrics["epoch"], metrics)
         self.history.append(metrics)
         done = metrics["epoch"] + 1 - self.start_epoch

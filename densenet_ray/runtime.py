@@ -29,6 +29,11 @@ class ClusterError(ValueError):
 # this one's: connect() gives them these, as set here.
 S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_EC2_METADATA_DISABLED", "MLFLOW_S3_ENDPOINT_URL")
+# Ours, read in the workers: the per-step row log (position.py) and the SIGTERM grace (preempt.py).
+OWN_SETTINGS = ("DENSENET_RAY_ROWS_LOG", "DENSENET_RAY_SIGTERM_GRACE_S")
+
+
+SETUP_HOOK = "densenet_ray.preempt.install"   # runs in every worker process of the job (runtime_env)
 
 
 def connect(cpus: float = 0, *, quiet: bool = False) -> None:
@@ -43,8 +48,9 @@ def connect(cpus: float = 0, *, quiet: bool = False) -> None:
     env_vars = forwarded_env()
     if quiet and "RAY_DATA_LOG_LEVEL" not in os.environ:  # merged per variable with a submitted job's own
         env_vars["RAY_DATA_LOG_LEVEL"] = "WARNING"
-    if env_vars:
-        level["runtime_env"] = {"env_vars": env_vars}
+    # Every worker process of the job: SIGTERM to a training worker checkpoints before it exits (preempt.py).
+    level["runtime_env"] = {"worker_process_setup_hook": SETUP_HOOK,
+                            **({"env_vars": env_vars} if env_vars else {})}
     local = {"num_cpus": max(os.cpu_count() or 1, int(-(-cpus // 1))), **level}
     recorded = recorded_cluster()
     if os.environ.get("RAY_ADDRESS"):
@@ -63,7 +69,7 @@ def connect(cpus: float = 0, *, quiet: bool = False) -> None:
 
 
 def forwarded_env() -> dict:
-    """The S3_SETTINGS set in this process's environment, for the job's runtime env: every task and
+    """The S3_SETTINGS and OWN_SETTINGS set in this process's environment, for the job's runtime env: every task and
     worker of the job gets them. Those a submitted job's own runtime env already sets (`ray job submit
     --runtime-env-json`) are left to it: Ray refuses a variable given twice, and gives them anyway."""
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
@@ -73,7 +79,7 @@ def forwarded_env() -> dict:
     except ValueError:
         submitted = {}
     given = submitted.get("env_vars") or {}
-    return {name: os.environ[name] for name in S3_SETTINGS if name in os.environ and name not in given}
+    return {name: os.environ[name] for name in S3_SETTINGS + OWN_SETTINGS if name in os.environ and name not in given}
 
 
 def recorded_cluster_file() -> str:

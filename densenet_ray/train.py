@@ -22,7 +22,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from densenet_ray import checkpoint, preflight as checks, runtime, storage, trained
+from densenet_ray import checkpoint, preempt, preflight as checks, runtime, storage, trained
 from densenet_ray import config as C
 from densenet_ray import data
 from densenet_ray.console import Console, quiet_libraries
@@ -153,8 +153,11 @@ def make_trainer(cfg: C.TrainConfig, manifest: data.Manifest, uri: str, run_id: 
     context.print_on_execution_start = False
     context.enable_progress_bars = cfg.verbose
     size, run_dir = cfg.image_size, f"{cfg.storage.rstrip('/')}/{cfg.run_name}"
+    # Rows carry their ids: a checkpoint inside an epoch records those trained on, which its resumed
+    # epoch (planned when the workers (re)start) leaves out.
     datasets = {"train": data.read_split(cfg.data, cfg.train_split, cfg.train_transform, image_size=size,
-                                         order=cfg.shuffle, seed=cfg.seed, manifest=manifest, decode=cfg.decode)}
+                                         order=cfg.shuffle, seed=cfg.seed, manifest=manifest, decode=cfg.decode,
+                                         row_ids=True, consumed=partial(checkpoint.consumed_rows, run_dir))}
     for name, split in (("val", cfg.val_split), ("test", cfg.test_split)):
         # Evaluation is decoded in the pipeline whatever --decode says: a small share of the images,
         # through a deterministic transform (imagenet_eval, none) the device path does not have.
@@ -192,7 +195,7 @@ def completed_history(cfg: C.TrainConfig) -> tuple[str, list[dict], str] | None:
     if found is None:
         return None
     state, _ = checkpoint.load(found)
-    if state["epoch"] + 1 < cfg.epochs:
+    if state["epoch"] + 1 < cfg.epochs or checkpoint.inside_epoch(state):
         return None
     return found, state["history"], state["run_id"]
 
@@ -218,6 +221,7 @@ def run(cfg: C.TrainConfig):
               f"another --run-name.", flush=True)
         return None
     runlog = open_run(cfg, uri, manifest)
+    preempt.on_driver_sigterm(cfg.run_name)   # SIGTERM: a checkpoint at the workers' next step, then exit
     console = Console.open()
     try:
         return make_trainer(cfg, manifest, uri, runlog.run_id, console=console.handle).fit()

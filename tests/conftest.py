@@ -23,7 +23,8 @@ def ray_local():
         # API whether a controller died (a Tune trial stopped early) and frees its workers' CPUs.
         ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=free_port(), log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+                 runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()},
+                              "worker_process_setup_hook": "densenet_ray.preempt.install"})  # as runtime.connect
     yield ray
     ray.shutdown()
 

@@ -78,3 +78,14 @@ def test_mlflow_name_validators():  # preflight.check_config: --registered-model
     from mlflow.utils.validation import _validate_experiment_name, _validate_model_name
 
     assert callable(_validate_model_name) and callable(_validate_experiment_name)
+
+
+def test_ray_worker_installs_its_sigterm_handler_through_utils_after_the_setup_hook():  # preempt.install
+    import ray._private.utils as ray_utils
+    import ray._private.workers.default_worker as default_worker
+    from ray._private.worker import Worker
+
+    assert callable(ray_utils.set_sigterm_handler)
+    assert "ray._private.utils.set_sigterm_handler(" in inspect.getsource(Worker.main_loop)
+    source = inspect.getsource(default_worker)
+    assert source.index("load_and_execute_setup_hook(") < source.index("worker.main_loop()")

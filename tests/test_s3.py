@@ -6,9 +6,13 @@ through the job, or the tests fail."""
 
 import io
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pyarrow.fs as pafs
 import pytest
 import torch
@@ -150,21 +154,45 @@ def test_training_reads_s3_data_and_checkpoints_and_logs_its_model_to_s3(first_r
     assert '"run_name": "on-s3"' in open(downloaded).read()
 
 
+def train_workers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::RayTrainWork")]
+
+
 @pytest.mark.slow
-def test_same_run_name_resumes_from_the_s3_checkpoint(first_run, s3, ray_local, digits_on_s3, mlflow_on_s3):
+def test_same_run_name_resumes_from_the_s3_checkpoint_and_a_killed_worker_inside_the_epoch(
+        first_run, s3, ray_local, digits_on_s3, mlflow_on_s3):
+    """The finished one-epoch run, given --epochs 2: epoch 1 from the bucket's epoch-0 checkpoint; in
+    it a worker is SIGKILLed after a checkpoint inside the epoch in the bucket, and Ray Train resumes
+    from that one, at its step."""
     assert first_run.returncode == 0, "the first run failed: see the test above"
-    done = command(ray_local, s3, "densenet_ray.train", *train_flags(s3, digits_on_s3, mlflow_on_s3, "--epochs", "2"))
-    assert done.returncode == 0, done.stdout[-6000:]
-    assert "resumed run 'on-s3' from its checkpoint after epoch 0" in done.stdout, done.stdout[-6000:]
-    epoch_lines = [line for line in done.stdout.splitlines() if line.startswith("epoch ") and "(train/val)" in line]
-    assert [line.split()[1] for line in epoch_lines] == ["2/2"], epoch_lines   # epoch 1 was not trained again
-    assert {"runs/on-s3/epoch_0000/state.pt", "runs/on-s3/epoch_0001/state.pt"} <= set(s3.keys("runs/on-s3"))
+    argv = train_flags(s3, digits_on_s3, mlflow_on_s3, "--epochs", "2", "--checkpoint-every-steps", "5",
+                       "--max-failures", "1")
+    env = {**os.environ, **s3.env, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "densenet_ray.train", *argv], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not any("epoch_0001_step_" in k and k.endswith("/state.pt") for k in s3.keys("runs/on-s3")):
+            assert time.monotonic() < deadline and driver.poll() is None, "no checkpoint inside epoch 1 in the bucket"
+            time.sleep(0.2)
+        train_workers()[-1].send_signal(signal.SIGKILL)
+        out, _ = driver.communicate(timeout=900)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, out[-6000:]
+    assert "resumed run 'on-s3' from its checkpoint after epoch 0" in out, out[-6000:]
+    step = int(re.findall(r"resumed run 'on-s3' inside epoch 2 of 2, after its step (\d+)", out)[0])
+    assert step % 5 == 0, out[-6000:]
+    keys = set(s3.keys("runs/on-s3"))
+    assert {"runs/on-s3/epoch_0000/state.pt", "runs/on-s3/epoch_0001/state.pt"} <= keys
+    assert not [k for k in keys if "_step_" in k], "checkpoints inside the finished epoch were kept"
     # The first run had FINISHED: more --epochs open a new MLflow run of that name (as with local
     # storage), which holds the checkpoint's epoch 0 as it was logged, and epoch 1.
     client = MlflowClient(mlflow_on_s3)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="attributes.run_name = 'on-s3'", order_by=["attributes.start_time ASC"])
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert runs[1].data.tags["densenet_ray.resumed_at"] == f"epoch 1 step {step}"
     curves = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, "train_loss")} for r in runs]
     assert sorted(curves[0]) == [0] and sorted(curves[1]) == [0, 1], curves
     assert curves[1][0] == curves[0][0]   # epoch 0 from the checkpoint's history, not trained again

@@ -1,11 +1,13 @@
 """Training end to end on a real local Ray, real Parquet shards and a real MLflow store: the README's
 digits job, resuming after a killed worker and a killed driver, the imagenet preset, bad input."""
 
+import glob
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -15,7 +17,6 @@ import torch
 from PIL import Image
 from servers import the_run
 
-from densenet_ray import config as C
 from densenet_ray import data, train
 from densenet_ray.data import sources, write
 from densenet_ray.tracking.registry import load_registered_model
@@ -177,20 +178,6 @@ def test_run_interrupted_while_it_finished_is_completed_on_resubmission(demo, di
     assert int(client.get_model_version_by_alias("densenet-digits", "candidate").version) == versions + 1
 
 
-def train_in_thread(cfg):
-    box = {}
-
-    def target():
-        try:
-            box["result"] = train.run(cfg)
-        except BaseException as err:  # noqa: BLE001 - reported by the test
-            box["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, box
-
-
 def wait_for_checkpoint(storage: str, run_name: str, epoch: int, timeout: float = 600) -> None:
     """Until Ray Train has registered the checkpoint of `epoch` (its controller records it in the
     run's checkpoint-manager snapshot some seconds after the worker reported it)."""
@@ -206,47 +193,128 @@ def train_workers() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::RayTrainWork")]
 
 
-@pytest.mark.slow
-def test_killed_worker_resumes_from_the_last_checkpoint(digits_data, places):
-    cfg = C.from_args(flags(digits_data, places, "--run-name", "fault", "--epochs", "5", "--max-failures", "2",
-                            "--progress-s", "1"))
-    thread, box = train_in_thread(cfg)
-    wait_for_checkpoint(places["storage"], "fault", 1)
-    victims = train_workers()
-    assert len(victims) == 2
-    victims[-1].send_signal(signal.SIGKILL)  # from outside, as a node failure would
-    thread.join(timeout=900)
-    assert "error" not in box, box.get("error")
-    assert box["result"].metrics["epoch"] == 4
+def mid_epoch_checkpoint(storage: str, run_name: str, epoch: int, timeout: float = 600) -> str:
+    """Until a checkpoint inside `epoch` is whole in the run folder; its folder name."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = sorted(glob.glob(os.path.join(storage, run_name, f"epoch_{epoch:04d}_step_*", "state.pt")))
+        if found:
+            return os.path.basename(os.path.dirname(found[-1]))
+        assert time.monotonic() < deadline, f"no checkpoint inside epoch {epoch} of {run_name}"
+        time.sleep(0.2)
 
-    client, run = the_run(places["uri"], "fault")
+
+def rows_log(folder) -> dict[int, list[dict]]:
+    """DENSENET_RAY_ROWS_LOG's lines by epoch, each with the process ("pid") that trained them."""
+    epochs = {}
+    for name in glob.glob(os.path.join(folder, "rows.*.jsonl")):
+        pid = int(name.split(".")[-2])
+        for line in open(name):
+            record = json.loads(line)
+            epochs.setdefault(record["epoch"], []).append({**record, "pid": pid})
+    return epochs
+
+
+def assert_every_image_once(records: list[dict], restarted_at: int, old: set[int], train_rows: int,
+                            per_worker_batch: int, workers: int) -> None:
+    """One interrupted epoch: the weights saw the rows of the old processes' steps up to the
+    checkpoint (`restarted_at`) and the resumed processes' rows, each once; the old processes' steps
+    after the checkpoint are lost work, read again. Every pass leaves out, by design, fewer than
+    `workers` rows (equal shares) and fewer than a batch per worker (drop_last)."""
+    kept = [i for r in records if r["pid"] in old and r["step"] <= restarted_at for i in r["rows"]]
+    resumed = [i for r in records if r["pid"] not in old for i in r["rows"]]
+    assert kept and resumed, "expected steps before and after the resume"
+    used = kept + resumed
+    assert len(used) == len(set(used)), f"{len(used) - len(set(used))} rows trained twice in the weights' lineage"
+    assert train_rows - len(set(used)) < 2 * workers * (per_worker_batch + 1), \
+        f"{train_rows - len(set(used))} of {train_rows} images unused in the interrupted epoch"
+
+
+@pytest.mark.slow
+def test_worker_killed_or_sent_sigterm_resumes_inside_the_epoch_with_every_image_once(digits_data, places, tmp_path,
+                                                                                       ray_local):
+    """Epoch 1: a worker SIGKILLed after a periodic checkpoint inside the epoch; epoch 2: a worker sent
+    SIGTERM between two of them, which checkpoints at the next step. Ray Train restarts the workers
+    each time, and the epoch goes on from the step, every image used once."""
+    log = tmp_path / "rows"
+    log.mkdir()
+    argv = flags(digits_data, places, "--run-name", "inside", "--epochs", "4", "--max-failures", "2",
+                 "--checkpoint-every-steps", "8", "--progress-s", "1")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "DENSENET_RAY_ROWS_LOG": str(log)}
+    driver = subprocess.Popen([sys.executable, "-m", "densenet_ray.train", *argv], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        first = mid_epoch_checkpoint(places["storage"], "inside", 1)
+        victims = train_workers()
+        assert len(victims) == 2
+        old = {p.pid for p in victims}
+        victims[-1].send_signal(signal.SIGKILL)
+        wait_for_checkpoint(places["storage"], "inside", 1)   # the epoch finished after the restart
+        while not any(r["epoch"] == 2 and r["step"] % 8 == 3 for r in sum(rows_log(log).values(), [])):
+            time.sleep(0.1)
+        second = train_workers()
+        assert len(second) == 2 and not old & {p.pid for p in second}
+        second[0].send_signal(signal.SIGTERM)   # between the periodic checkpoints (steps 8 and 16)
+        out, _ = driver.communicate(timeout=1800)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, out[-6000:]
+    sigterm = re.findall(r"SIGTERM to the worker: checkpoint inside epoch 3 after step (\d+)", out)
+    assert len(sigterm) == 1, out[-6000:]   # at the first step the workers poll after it (within a second)
+    restarts = [int(n) for n in re.findall(r"inside epoch 2 of 4, after its step (\d+)", out)]
+    assert len(restarts) == 1 and restarts[0] % 8 == 0 and restarts[0] >= int(first.split("_")[-1]), out[-6000:]
+    assert f"inside epoch 3 of 4, after its step {sigterm[0]}" in out, out[-6000:]
+
+    m = data.load_manifest(digits_data)
+    epochs = rows_log(log)
+    assert_every_image_once(epochs[1], restarts[0], old, m.splits["train"].rows, 32, 2)
+    assert_every_image_once(epochs[2], int(sigterm[0]), {p.pid for p in second}, m.splits["train"].rows, 32, 2)
+    assert os.listdir(os.path.join(places["storage"], "inside")).count("epoch_0003") == 1
+    assert not glob.glob(os.path.join(places["storage"], "inside", "*_step_*")), "superseded checkpoints kept"
+
+    client, run = the_run(places["uri"], "inside")
     assert run.info.status == "FINISHED"
-    assert_each_epoch_once(client, run, 5)
-    resumed_after = int(run.data.tags["densenet_ray.resumed_after_epoch"])
-    assert resumed_after >= 1, "restarted from scratch instead of the last checkpoint"
+    assert_each_epoch_once(client, run, 4)
+    assert run.data.tags["densenet_ray.resumed_at"] == f"epoch 2 step {sigterm[0]}"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "step_train_loss")]
     assert steps and len(set(steps)) == len(steps), "step metrics of the replayed stretch logged twice"
 
 
 @pytest.mark.slow
-def test_resubmitted_run_resumes_after_its_driver_was_killed(digits_data, places, ray_local):
-    argv = flags(digits_data, places, "--run-name", "driverless", "--epochs", "4", "--max-failures", "0")
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([sys.executable, "-m", "densenet_ray.train", *argv], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_driver_sent_sigterm_checkpoints_and_the_resubmitted_job_resumes_at_the_step_on_fewer_workers(
+        digits_data, places, tmp_path, ray_local):
+    log = tmp_path / "rows"
+    log.mkdir()
+    argv = flags(digits_data, places, "--run-name", "driverless", "--epochs", "3", "--max-failures", "0")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "DENSENET_RAY_ROWS_LOG": str(log)}
+    driver = subprocess.Popen([sys.executable, "-m", "densenet_ray.train", *argv], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for_checkpoint(places["storage"], "driverless", 1)
+        wait_for_checkpoint(places["storage"], "driverless", 0)
+        while not any(r["epoch"] == 1 and r["step"] >= 5 for r in sum(rows_log(log).values(), [])):
+            time.sleep(0.1)
+        old = {p.pid for p in train_workers()}
+        driver.send_signal(signal.SIGTERM)   # `ray job stop`, the driver's pod deleted
+        out, _ = driver.communicate(timeout=300)
     finally:
         driver.kill()
-        driver.wait()
+    assert driver.returncode == -signal.SIGTERM, out[-6000:]
+    step = int(re.findall(r"SIGTERM to the driver: checkpoint inside epoch 2 after step (\d+)", out)[0])
+    assert "checkpoint written: " in out and os.path.isdir(os.path.join(places["storage"], "driverless",
+                                                                       f"epoch_0001_step_{step:06d}"))
     client, run = the_run(places["uri"], "driverless")
-    assert run.info.status == "RUNNING"  # nobody closed it
+    assert run.info.status == "RUNNING"  # the resubmitted job finishes it
 
-    assert train.main(argv) == 0
+    again = subprocess.run([sys.executable, "-m", "densenet_ray.train", *argv, "--workers", "1"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800)
+    assert again.returncode == 0, again.stdout[-6000:]
+    assert f"inside epoch 2 of 3, after its step {step}" in again.stdout, again.stdout[-6000:]
     client, resumed = the_run(places["uri"], "driverless")  # the same MLflow run, not a second one
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
-    assert_each_epoch_once(client, resumed, 4)
-    assert int(resumed.data.tags["densenet_ray.resumed_after_epoch"]) >= 1
+    assert_each_epoch_once(client, resumed, 3)
+    assert resumed.data.tags["densenet_ray.resumed_at"] == f"epoch 1 step {step}"
+    m = data.load_manifest(digits_data)
+    assert_every_image_once(rows_log(log)[1], step, old, m.splits["train"].rows, 64, 2)  # the larger pass's bound
 
 
 def tiny_imagenet(root):
