@@ -4,6 +4,7 @@ to a training worker whose model costs nothing, against the most this CPU does p
     python benchmarks/input_ceiling.py                        # both rows: 3,000 JPEGs, 30,000 PNGs, 4 epochs
     python benchmarks/input_ceiling.py --rows jpeg --jpeg-images 5000 --epochs 5
     python benchmarks/input_ceiling.py --quick                # a smoke run: a few hundred images, 2 epochs
+    python benchmarks/input_ceiling.py --order row_groups     # --shuffle row_groups: streams, no shuffle stage
 
 Ours is the real training path: a 1-worker Ray Train TorchTrainer fed by
 `read_split(root, "train", transform, image_size=..., order="rows", seed=0)` with
@@ -132,7 +133,7 @@ def role(p, worker_pid: int, driver_pid: int) -> str:
     return "Ray daemons"   # raylet, gcs_server, dashboard and its agents, log monitor
 
 
-def ours(root: str, transform: str, side: int, batch: int, epochs: int, tmp: str) -> list[dict]:
+def ours(root: str, transform: str, side: int, batch: int, epochs: int, tmp: str, order: str = "rows") -> list[dict]:
     """Per-epoch figures of a 1-worker TorchTrainer reading `root` through read_split."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -144,7 +145,7 @@ def ours(root: str, transform: str, side: int, batch: int, epochs: int, tmp: str
     context = ray.data.DataContext.get_current()
     context.print_on_execution_start = False
     context.enable_progress_bars = False
-    ds = data.read_split(root, "train", transform, image_size=side, order="rows", seed=0, manifest=m)
+    ds = data.read_split(root, "train", transform, image_size=side, order=order, seed=0, manifest=m)
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"epochs": epochs, "batch": batch, "channels": m.channels, "classes": m.num_classes,
@@ -198,6 +199,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4, help="epochs of ours; the first (start-up) is not counted")
     p.add_argument("--ref-seconds", type=float, default=15, help="each reference pass runs at least this long")
     p.add_argument("--batch", type=int, default=None, help="every row's batch (default: the row's, 256 or 64)")
+    p.add_argument("--order", default="rows", choices=("rows", "row_groups"),
+                   help="the train order (--shuffle): rows (the default) or row_groups (streams)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 800 JPEGs, 2,000 PNGs, batch 64, 2 epochs, 2 s reference passes")
     args = p.parse_args()
@@ -239,7 +242,7 @@ def main() -> None:
             root, batch = roots[row], args.batch or batch
             ref_rate, ref_cpu = reference(root, transform, side, args.ref_seconds)
             print(f"\n{what}: reference (1 core) {ref_rate:.1f} img/s, {ref_cpu:.2f} CPU ms/img", flush=True)
-            epochs = ours(root, transform, side, batch, args.epochs, tmp)
+            epochs = ours(root, transform, side, batch, args.epochs, tmp, args.order)
             for e in epochs:
                 print(f"  epoch {e['epoch'] + 1}: {e['images']} images in {e['epoch_s']:.1f} s (first batch after "
                       f"{e['first_s']:.1f} s): {e['images'] / e['epoch_s']:.1f} img/s, "
