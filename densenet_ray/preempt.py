@@ -28,6 +28,7 @@ import threading
 import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 GRACE_S = float(os.environ.get("DENSENET_RAY_SIGTERM_GRACE_S", "60"))  # fits KubeRay's grace period (cluster/)
 POLL_S = 1.0    # rank 0 asks the driver's flag at most this often
@@ -126,8 +127,11 @@ class Watch:
             self.reason = "worker"
         elif self.flag is not None and time.monotonic() >= self.next_ask:
             self.next_ask = time.monotonic() + POLL_S
-            if ray.get(self.flag.asked_for.remote()):
-                self.reason = "driver"
+            try:
+                if ray.get(self.flag.asked_for.remote(), timeout=30):
+                    self.reason = "driver"
+            except (ray.exceptions.RayError, TimeoutError):   # the driver's node gone: the job goes with it
+                self.flag = None
         return self.reason
 
     def handled(self, who: str, where: str) -> None:
@@ -141,7 +145,10 @@ class Watch:
                             "stops here, and the run resumes from that checkpoint")
         if who == "driver":
             if self.flag is not None:
-                ray.get(self.flag.answer.remote(where))
+                try:
+                    ray.get(self.flag.answer.remote(where), timeout=30)
+                except (ray.exceptions.RayError, TimeoutError):   # the driver is gone already
+                    pass
             time.sleep(GRACE_S)
 
 
@@ -149,7 +156,9 @@ def on_driver_sigterm(run_name: str, say=print) -> None:
     """In the driver's main thread, before fit(): SIGTERM checkpoints the run, then ends the driver."""
     if threading.current_thread() is not threading.main_thread():
         return
-    flag = _Flag.options(name=flag_name(run_name), get_if_exists=True).remote()
+    # On the driver's node: the flag must outlive any worker node (a flag lost with a node would fail the run).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    flag = _Flag.options(name=flag_name(run_name), get_if_exists=True, scheduling_strategy=here).remote()
 
     def wait_and_exit() -> None:
         got.wait()
