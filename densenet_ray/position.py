@@ -38,7 +38,10 @@ class Position:
         self.preempted = None   # the last due() was for a SIGTERM: to a "worker" or the "driver"
 
     def epoch_start(self, epoch: int, step: int = 0, rows: np.ndarray | None = None) -> None:
+        """A new epoch, or a resumed one after `step` steps: the previous epoch's end (or the
+        checkpoint resumed from) was just saved, so --checkpoint-every-min counts from now."""
         self.epoch, self.next_poll, self._mark, self._mark_step = epoch, step + 1, time.monotonic(), step
+        self.last_saved = self._mark
         self.saved = np.asarray(rows if rows is not None else [], np.int64)  # rank 0: this epoch's, gathered
         self.fresh: list[np.ndarray] = []   # this worker's since the last gather
 
