@@ -81,7 +81,7 @@ def next_epoch(run_dir: str) -> int:
     found = newest(run_dir)
     if not found:
         return 0
-    epoch, step = _position(posixpath.basename(posixpath.dirname(found)))
+    epoch, step = _saved_at(found)
     return epoch if step != float("inf") else epoch + 1
 
 
@@ -89,12 +89,20 @@ def consumed_rows(run_dir: str, epoch: int) -> np.ndarray | None:
     """The row ids trained on before the run stopped inside `epoch` (its newest checkpoint is inside
     that epoch), else None: what read_split(consumed=...) leaves out of a resumed epoch."""
     found = newest(run_dir)
-    if not found or _position(posixpath.basename(posixpath.dirname(found)))[1] == float("inf") \
-            or _position(posixpath.basename(posixpath.dirname(found)))[0] != epoch:
-        return None
-    fs, path = storage.filesystem(found)
-    with storage.reaching(found), fs.open_input_file(posixpath.join(posixpath.dirname(path), ROWS_FILE)) as f:
+    return rows_of(found) if found and _saved_at(found)[0] == epoch and _saved_at(found)[1] != float("inf") \
+        else None
+
+
+def rows_of(state_file: str) -> np.ndarray:
+    """The row ids saved beside a checkpoint inside an epoch (its state.pt, a path or URI)."""
+    fs, path = storage.filesystem(state_file)
+    with storage.reaching(state_file), fs.open_input_file(posixpath.join(posixpath.dirname(path), ROWS_FILE)) as f:
         return np.load(io.BytesIO(f.read()))
+
+
+def _saved_at(state_file: str) -> tuple[int, float]:
+    """(epoch, step) of the checkpoint folder holding `state_file` (an epoch's end: step infinity)."""
+    return _position(posixpath.basename(posixpath.dirname(state_file)))
 
 
 def save_inside(run_dir: str, state: dict, rows: np.ndarray) -> str:
@@ -122,7 +130,7 @@ def prune(run_dir: str) -> None:
         found = _newest_file(fs, path)
         if found is None:
             return
-        last = _position(posixpath.basename(posixpath.dirname(found)))
+        last = _saved_at(found)
         for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
             at = _position(info.base_name)
             if at and at[1] != float("inf") and at < last and info.type == pafs.FileType.Directory:

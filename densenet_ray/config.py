@@ -127,6 +127,11 @@ class TrainConfig:
 
     # Derived values: computed, never stored, so a config cannot contradict itself.
     @property
+    def run_dir(self) -> str:
+        """The run's folder under --storage (a path or URI): its checkpoints."""
+        return f"{self.storage.rstrip('/')}/{self.run_name}"
+
+    @property
     def lr_scaled(self) -> float:
         return self.lr * self.batch_size / self.reference_batch
 

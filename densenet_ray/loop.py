@@ -193,17 +193,15 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     """The newest checkpoint of the run (at an epoch's end or inside one, from its storage folder,
     as the driver and the data's first epoch see it; Ray Train's own only when the folder has none),
     with "rows" (the row ids it had trained on) when saved inside an epoch; None: a new run."""
-    run_dir = f"{cfg.storage.rstrip('/')}/{cfg.run_name}"
-    if found := checkpoint.newest(run_dir):
+    if found := checkpoint.newest(cfg.run_dir):
         state, _ = checkpoint.load(found)
-    elif saved := ray.train.get_checkpoint():
+        if checkpoint.inside_epoch(state):
+            state["rows"] = checkpoint.rows_of(found)
+        return state
+    if saved := ray.train.get_checkpoint():   # Ray Train's are epoch ends
         with saved.as_directory() as folder:
-            state, _ = checkpoint.load(folder)
-    else:
-        return None
-    if checkpoint.inside_epoch(state):
-        state["rows"] = checkpoint.consumed_rows(run_dir, state["epoch"])
-    return state
+            return checkpoint.load(folder)[0]
+    return None
 
 
 def restore(state: dict, cfg: TrainConfig, net, optimizer, scaler) -> None:

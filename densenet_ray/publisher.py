@@ -31,7 +31,6 @@ class Publisher:
     def __init__(self, cfg: TrainConfig, meta: dict, history: list[dict], start_epoch: int, world: int,
                  device, console=None, asked: TrainConfig | None = None, start_step: int = 0) -> None:
         self.cfg, self.meta, self.start_epoch, self.console = cfg, meta, start_epoch, console
-        self.run_dir = f"{cfg.storage.rstrip('/')}/{cfg.run_name}"
         tags = {"workers": str(world), "device": str(device), "device_name": _device_name(device)}
         if start_epoch or start_step:  # where the latest (re)start picked up, for people and for the fault tests
             tags["densenet_ray.resumed_at"] = f"epoch {start_epoch} step {start_step}"
@@ -71,7 +70,7 @@ class Publisher:
         """A checkpoint inside the epoch (`state` with its step, `rows` the ids trained on so far),
         written into the run folder; the one it supersedes deleted. Returns where."""
         t = time.perf_counter()
-        where = checkpoint.save_inside(self.run_dir, state, rows)
+        where = checkpoint.save_inside(self.cfg.run_dir, state, rows)
         pause = time.perf_counter() - t
         self.run.log_epoch(state["epoch"] * (self.meta["train_rows"] // self.cfg.batch_size) + state["step"], {"checkpoint_pause_s": pause})
         self.say(f"[densenet_ray] {f'SIGTERM to the {preempted}: ' if preempted else ''}checkpoint inside epoch {state['epoch'] + 1} after "
@@ -83,7 +82,7 @@ class Publisher:
             checkpoint.save(state, folder)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=checkpoint.folder_name(metrics["epoch"]))
-        checkpoint.prune(self.run_dir)   # the epoch's checkpoints inside it are superseded
+        checkpoint.prune(self.cfg.run_dir)   # the epoch's checkpoints inside it are superseded
         self.run.log_epoch(metrics["epoch"], metrics)
         self.history.append(metrics)
         done = metrics["epoch"] + 1 - self.start_epoch

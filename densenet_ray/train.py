@@ -152,7 +152,7 @@ def make_trainer(cfg: C.TrainConfig, manifest: data.Manifest, uri: str, run_id: 
     context = ray.data.DataContext.get_current()
     context.print_on_execution_start = False
     context.enable_progress_bars = cfg.verbose
-    size, run_dir = cfg.image_size, f"{cfg.storage.rstrip('/')}/{cfg.run_name}"
+    size, run_dir = cfg.image_size, cfg.run_dir
     # Rows carry their ids: a checkpoint inside an epoch records those trained on, which its resumed
     # epoch (planned when the workers (re)start) leaves out.
     datasets = {"train": data.read_split(cfg.data, cfg.train_split, cfg.train_transform, image_size=size,
@@ -191,7 +191,7 @@ def make_trainer(cfg: C.TrainConfig, manifest: data.Manifest, uri: str, run_id: 
 def completed_history(cfg: C.TrainConfig) -> tuple[str, list[dict], str] | None:
     """(checkpoint, per-epoch metrics, MLflow run id) when the run's newest checkpoint holds its
     final epoch."""
-    found = checkpoint.newest(f"{cfg.storage.rstrip('/')}/{cfg.run_name}")
+    found = checkpoint.newest(cfg.run_dir)
     if found is None:
         return None
     state, _ = checkpoint.load(found)
@@ -214,7 +214,7 @@ def run(cfg: C.TrainConfig):
     uri, manifest = preflight(cfg)
     cfg = cfg.replace(registered_model=registered_name(cfg, manifest))
     # The checkpoint it resumes from, checked here: workers failing on it would be restarted into it.
-    trained.check_resume(f"{cfg.storage.rstrip('/')}/{cfg.run_name}", cfg, manifest.classes)
+    trained.check_resume(cfg.run_dir, cfg, manifest.classes)
     if run_id := finished_run(cfg, uri):
         print(f"[densenet_ray] run {cfg.run_name!r} already finished its {cfg.epochs} epochs (MLflow run {run_id}, "
               f"checkpoints in {os.path.join(cfg.storage, cfg.run_name)}); nothing to do. To train again, pass "
