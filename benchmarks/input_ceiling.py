@@ -4,12 +4,14 @@ to a training worker whose model costs nothing, against the most this CPU does p
     python benchmarks/input_ceiling.py                        # both rows: 3,000 JPEGs, 30,000 PNGs, 4 epochs
     python benchmarks/input_ceiling.py --rows jpeg --jpeg-images 5000 --epochs 5
     python benchmarks/input_ceiling.py --quick                # a smoke run: a few hundred images, 2 epochs
-    python benchmarks/input_ceiling.py --order row_groups     # --shuffle row_groups: streams, no shuffle stage
+    python benchmarks/input_ceiling.py --order rows --shuffle-buffer 0   # every row as CIFAR's presets read
 
 Ours is the real training path: a 1-worker Ray Train TorchTrainer fed by
-`read_split(root, "train", transform, image_size=..., order="rows", seed=0)` with
+`read_split(root, "train", transform, image_size=..., order=..., seed=0)` with
 `dataset_config()`, consumed with `iter_torch_batches(batch_size=..., drop_last=True,
-prefetch_batches=2)` as loop.train_one_epoch does; the worker's model is a linear layer over a
+prefetch_batches=2, local_shuffle_buffer_size=...)` as loop.train_one_epoch does, in the order and
+buffer of the row's preset (JPEG: imagenet's row_groups + 2,048 rows; PNG: cifar10's rows, no
+buffer) unless --order / --shuffle-buffer say otherwise; the worker's model is a linear layer over a
 strided global average pool of the uint8 batch, so the worker asks for the next batch at once.
 Local Ray as the training driver makes it (runtime.connect): a logical CPU for the worker plus two,
 at least one per core, so Ray Data's read and decode tasks run on every core but the worker's.
@@ -35,6 +37,11 @@ wall-clock rates it holds still when other jobs share the machine.
 Then the cores a GPU needs at our per-core rate (and at the reference's): DenseNet-121 at 3,376
 img/s (AMP + channels_last, batch 256, one H200, measured earlier) from the JPEG row, and
 DenseNet-BC-100 k=12 at 32 px at an assumed 1,600 img/s from the PNG row.
+
+And, for each row, the anatomy of one read task, in this process: CPU ms per image to read its row
+group from the shard, decode + augment it (pipeline.decode_batch), make the Arrow block and
+serialise it (what Ray does with a task's output), against the transform alone; what the task
+processes spend beyond these sums is Ray's (task dispatch, the object store, idle workers).
 """
 
 from __future__ import annotations
@@ -55,12 +62,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sample_data import make_images, to_shards  # noqa: E402
 
-# name: (what, data kind, train transform, image side, batch, GPU appetite img/s and whose)
+# name: (what, data kind, train transform, image side, batch, GPU appetite img/s and whose, preset)
 ROWS = {
     "jpeg": ("ImageNet-like JPEG, imagenet_train 224", "jpeg", "imagenet_train", 224, 256,
-             (3376, "DenseNet-121, AMP + channels_last, batch 256, one H200 (measured)")),
+             (3376, "DenseNet-121, AMP + channels_last, batch 256, one H200 (measured)"), "imagenet"),
     "png": ("CIFAR-like PNG, cifar_train 32", "png", "cifar_train", 32, 64,
-            (1600, "DenseNet-BC-100 k=12 at 32 px (assumed)")),
+            (1600, "DenseNet-BC-100 k=12 at 32 px (assumed)"), "cifar10"),
 }
 
 
@@ -91,7 +98,8 @@ def worker_loop(config: dict) -> None:
 
     for epoch in range(config["epochs"]):
         c0, t0, first, n, n_first = cpu_s(), time.perf_counter(), None, 0, 0
-        for batch in shard.iter_torch_batches(batch_size=config["batch"], drop_last=True, prefetch_batches=2):
+        for batch in shard.iter_torch_batches(batch_size=config["batch"], drop_last=True, prefetch_batches=2,
+                                              local_shuffle_buffer_size=config["buffer"] or None):
             x, y = batch["image"], batch["label"]
             # every 4th pixel each way: what a real worker does with the batch is the GPU's business
             pooled = x[:, ::4, ::4].float().mean((1, 2)) / 255
@@ -133,7 +141,8 @@ def role(p, worker_pid: int, driver_pid: int) -> str:
     return "Ray daemons"   # raylet, gcs_server, dashboard and its agents, log monitor
 
 
-def ours(root: str, transform: str, side: int, batch: int, epochs: int, tmp: str, order: str = "rows") -> list[dict]:
+def ours(root: str, transform: str, side: int, batch: int, epochs: int, tmp: str, order: str = "rows",
+         buffer: int = 0) -> list[dict]:
     """Per-epoch figures of a 1-worker TorchTrainer reading `root` through read_split."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -149,7 +158,7 @@ def ours(root: str, transform: str, side: int, batch: int, epochs: int, tmp: str
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"epochs": epochs, "batch": batch, "channels": m.channels, "classes": m.num_classes,
-                           "out": out, "driver_pid": os.getpid()},
+                           "out": out, "driver_pid": os.getpid(), "buffer": buffer},
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name=f"ceiling-{time.time_ns()}", storage_path=os.path.join(tmp, "runs"),
                                        logging_config=ray.train.LoggingConfig("WARNING")),
@@ -191,6 +200,47 @@ def reference(root: str, transform: str, side: int, seconds: float) -> tuple[flo
     return best
 
 
+def anatomy(root: str, transform: str, side: int) -> dict[str, float]:
+    """CPU ms per image of each part of a read task (pipeline.read_row_group) over the split's row
+    groups, in this process on one thread, and of the transform alone on the same images."""
+    import pickle
+
+    from ray.data.block import BlockAccessor
+
+    from densenet_ray import data
+    from densenet_ray.data import TRANSFORMS, pipeline
+
+    m = data.load_manifest(root)
+    fs, paths = m.shard_paths("train")
+    size, shape = pipeline.batch_shape(m, "train", transform, side)
+    mode = "L" if m.channels == 1 else "RGB"
+    fn, rng = TRANSFORMS[transform], np.random.default_rng(0)
+    parts = dict.fromkeys(("read", "decode + augment", "Arrow block", "serialise", "transform alone"), 0.0)
+    threads, n = torch.get_num_threads(), 0
+    torch.set_num_threads(1)
+
+    def timed(part, f, *a, **kw):
+        c = time.process_time()
+        out = f(*a, **kw)
+        parts[part] += time.process_time() - c
+        return out
+
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            groups = pq.ParquetFile(f)
+            for g in range(min(groups.num_row_groups, 8)):   # 8 row groups a shard: thousands of images
+                t = timed("read", groups.read_row_group, g, columns=["image", "label", "key"])
+                columns = {c: t[c].to_numpy(zero_copy_only=False) for c in t.column_names}
+                out = timed("decode + augment", pipeline.decode_batch, columns, transform=transform, size=size,
+                            mode=mode, shape=shape, classes=m.num_classes, keep_key=False)
+                block = timed("Arrow block", BlockAccessor.batch_to_block, out)
+                timed("serialise", pickle.dumps, block, protocol=5)
+                timed("transform alone", lambda: [fn(x, size, rng, mode) for x in columns["image"]])
+                n += len(t)
+    torch.set_num_threads(threads)
+    return {k: 1000 * v / n for k, v in parts.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default="jpeg,png", help="comma-separated: " + ", ".join(ROWS))
@@ -199,8 +249,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4, help="epochs of ours; the first (start-up) is not counted")
     p.add_argument("--ref-seconds", type=float, default=15, help="each reference pass runs at least this long")
     p.add_argument("--batch", type=int, default=None, help="every row's batch (default: the row's, 256 or 64)")
-    p.add_argument("--order", default="rows", choices=("rows", "row_groups"),
-                   help="the train order (--shuffle): rows (the default) or row_groups (streams)")
+    p.add_argument("--order", default=None, choices=("rows", "row_groups"),
+                   help="the train order (--shuffle) of every row (default: the row's preset's)")
+    p.add_argument("--shuffle-buffer", type=int, default=None,
+                   help="rows in the worker's local shuffle buffer (default: the row's preset's)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 800 JPEGs, 2,000 PNGs, batch 64, 2 epochs, 2 s reference passes")
     args = p.parse_args()
@@ -216,7 +268,7 @@ def main() -> None:
 
     import ray
 
-    from densenet_ray import runtime
+    from densenet_ray import config, runtime
 
     table = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,11 +290,20 @@ def main() -> None:
               f"{runtime.cluster_cpus():g} (1 for the worker); {args.epochs} epochs, the first not counted",
               flush=True)
         for row in rows:
-            what, kind, transform, side, batch, _ = ROWS[row]
+            what, kind, transform, side, batch = ROWS[row][:5]
             root, batch = roots[row], args.batch or batch
             ref_rate, ref_cpu = reference(root, transform, side, args.ref_seconds)
             print(f"\n{what}: reference (1 core) {ref_rate:.1f} img/s, {ref_cpu:.2f} CPU ms/img", flush=True)
-            epochs = ours(root, transform, side, batch, args.epochs, tmp, args.order)
+            preset = config.PRESETS[ROWS[row][6]]
+            order = args.order or preset.shuffle
+            buffer = preset.shuffle_buffer if args.shuffle_buffer is None else args.shuffle_buffer
+            parts = anatomy(root, transform, side)
+            print("  one read task, CPU ms/img in this process: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
+            print(f"  ours: --shuffle {order} --shuffle-buffer {buffer} (the {ROWS[row][6]} preset's"
+                  f"{'' if (order, buffer) == (preset.shuffle, preset.shuffle_buffer) else ', overridden'})",
+                  flush=True)
+            epochs = ours(root, transform, side, batch, args.epochs, tmp, order, buffer)
             for e in epochs:
                 print(f"  epoch {e['epoch'] + 1}: {e['images']} images in {e['epoch_s']:.1f} s (first batch after "
                       f"{e['first_s']:.1f} s): {e['images'] / e['epoch_s']:.1f} img/s, "

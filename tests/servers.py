@@ -1,6 +1,6 @@
 """Servers the tests start on this machine (mlflow server, Ray nodes, an S3 API) and what they read back.
 
-    from servers import free_port, wait_until_healthy, stop_group, the_run
+    from servers import free_port, wait_until_healthy, stop_group, the_run, train_workers
     with S3Server() as s3: ...          # moto's S3 API on 127.0.0.1, a bucket, s3.env for the clients
     start_mlflow_server(folder, artifacts="s3://bucket/mlflow", env=s3.env)
 """
@@ -49,6 +49,14 @@ def stop_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def train_workers() -> list:
+    """The Ray Train workers (psutil.Process) of the local Ray this process started: its raylet is
+    this process's child, the workers are the raylet's."""
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::RayTrainWork")]
 
 
 def the_run(uri: str, run_name: str):

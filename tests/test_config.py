@@ -18,6 +18,9 @@ def test_paper_recipes():
     assert (svhn.epochs, svhn.drop_rate, svhn.train_transform, svhn.train_split) == (40, 0.2, "none", "train+extra")
     for cfg in C.PRESETS.values():
         assert (cfg.momentum, cfg.weight_decay) == (0.9, 1e-4)
+    # ImageNet streams row groups through a buffer; the small splits get a full permutation every epoch
+    assert (imagenet.shuffle, imagenet.shuffle_buffer) == ("row_groups", 2048) and C.TrainConfig() == imagenet
+    assert {(c.shuffle, c.shuffle_buffer) for n, c in C.PRESETS.items() if n != "imagenet"} == {("rows", 0)}
 
 
 # The depth L (Table 1/2) and growth rate k each preset builds.

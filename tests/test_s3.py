@@ -12,12 +12,11 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pyarrow.fs as pafs
 import pytest
 import torch
 from mlflow import MlflowClient
-from servers import S3Server, free_port, start_mlflow_server, stop_group, the_run
+from servers import S3Server, free_port, start_mlflow_server, stop_group, the_run, train_workers
 
 from densenet_ray import checkpoint, storage
 from densenet_ray.data import DataError, load_manifest, sources, write
@@ -152,10 +151,6 @@ def test_training_reads_s3_data_and_checkpoints_and_logs_its_model_to_s3(first_r
     assert any(k.endswith("MLmodel") for k in model_files), stored
     downloaded = client.download_artifacts(run.info.run_id, "config.json")  # read back through the server
     assert '"run_name": "on-s3"' in open(downloaded).read()
-
-
-def train_workers() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::RayTrainWork")]
 
 
 @pytest.mark.slow

@@ -11,11 +11,10 @@ import sys
 import time
 
 import numpy as np
-import psutil
 import pytest
 import torch
 from PIL import Image
-from servers import the_run
+from servers import the_run, train_workers
 
 from densenet_ray import data, train
 from densenet_ray.data import sources, write
@@ -186,11 +185,6 @@ def wait_for_checkpoint(storage: str, run_name: str, epoch: int, timeout: float 
     while not (os.path.exists(snapshot) and f'"epoch_{epoch:04d}"' in open(snapshot).read()):
         assert time.monotonic() < deadline, f"checkpoint of epoch {epoch} never registered in {snapshot}"
         time.sleep(0.5)
-
-
-def train_workers() -> list[psutil.Process]:
-    # The local Ray's raylet is this process's child; its workers are the raylet's.
-    return [p for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::RayTrainWork")]
 
 
 def mid_epoch_checkpoint(storage: str, run_name: str, epoch: int, timeout: float = 600) -> str:

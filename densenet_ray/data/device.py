@@ -131,8 +131,8 @@ class Decoder:
             pixels = np.stack([np.frombuffer(batch["data"][i], np.uint8) for i in cpu]).reshape(len(cpu), *self.shape)
             out[torch.as_tensor(cpu, device=dev)] = torch.from_numpy(pixels).to(dev)
             self.counts["pipeline"] += len(cpu)
-        labels = torch.as_tensor(np.asarray(batch["label"], np.int64))
-        ids = {"row": torch.as_tensor(np.asarray(batch["row"], np.int64))} if "row" in batch else {}  # row_ids: CPU
+        labels = torch.from_numpy(np.array(batch["label"], np.int64))   # a copy: Ray's arrays are read-only
+        ids = {"row": torch.from_numpy(np.array(batch["row"], np.int64))} if "row" in batch else {}  # row_ids: CPU
         if not failed:
             return {"image": out, "label": labels.to(dev, non_blocking=True), **ids}
         self._skip(batch, at[failed])
@@ -181,7 +181,7 @@ class Decoder:
         out = torch.stack([_resize(img[:, int(t):int(t + h), int(l_):int(l_ + w)], hw)
                            for img, (t, l_, h, w) in zip(images, params[:, :4])])
         if self.transform == "imagenet_train":
-            out = color_jitter_lighting(out, torch.as_tensor(params[:, 5:8]), torch.as_tensor(params[:, 8:11]))
+            out = color_jitter_lighting(out, torch.tensor(params[:, 5:8]), torch.tensor(params[:, 8:11]))
         flip = torch.from_numpy(params[:, 4] > 0.5).to(self.device)
         return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
