@@ -151,18 +151,20 @@ def ray_at_rest(seconds: float = 15.0) -> float:
     agents, idle workers) use while no job runs: what they take from training on every core."""
     import psutil
 
-    def used():
-        total = 0.0
+    def used() -> dict[int, float]:
+        times = {}
         for p in psutil.Process().children(recursive=True):
             try:
                 t = p.cpu_times()
-                total += t.user + t.system
+                times[p.pid] = t.user + t.system
             except psutil.Error:
                 pass
-        return total
+        return times
     c0, t0 = used(), time.perf_counter()
     time.sleep(seconds)
-    return (used() - c0) / (time.perf_counter() - t0)
+    c1 = used()
+    # processes alive at both samples: one that exited in between (a worker the run left) took its time with it
+    return sum(c1[pid] - c0[pid] for pid in c1.keys() & c0.keys()) / (time.perf_counter() - t0)
 
 
 def ray_run(row: str, root: str, epochs: int, workers: int, tmp: str, *extra: str) -> dict:
