@@ -290,17 +290,17 @@ def main() -> None:
               f"{runtime.cluster_cpus():g} (1 for the worker); {args.epochs} epochs, the first not counted",
               flush=True)
         for row in rows:
-            what, kind, transform, side, batch = ROWS[row][:5]
+            what, kind, transform, side, batch, _, preset_name = ROWS[row]
             root, batch = roots[row], args.batch or batch
             ref_rate, ref_cpu = reference(root, transform, side, args.ref_seconds)
             print(f"\n{what}: reference (1 core) {ref_rate:.1f} img/s, {ref_cpu:.2f} CPU ms/img", flush=True)
-            preset = config.PRESETS[ROWS[row][6]]
+            preset = config.PRESETS[preset_name]
             order = args.order or preset.shuffle
             buffer = preset.shuffle_buffer if args.shuffle_buffer is None else args.shuffle_buffer
             parts = anatomy(root, transform, side)
             print("  one read task, CPU ms/img in this process: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
-            print(f"  ours: --shuffle {order} --shuffle-buffer {buffer} (the {ROWS[row][6]} preset's"
+            print(f"  ours: --shuffle {order} --shuffle-buffer {buffer} (the {preset_name} preset's"
                   f"{'' if (order, buffer) == (preset.shuffle, preset.shuffle_buffer) else ', overridden'})",
                   flush=True)
             epochs = ours(root, transform, side, batch, args.epochs, tmp, order, buffer)
