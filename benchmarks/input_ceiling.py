@@ -5,6 +5,7 @@ to a training worker whose model costs nothing, against the most this CPU does p
     python benchmarks/input_ceiling.py --rows jpeg --jpeg-images 5000 --epochs 5
     python benchmarks/input_ceiling.py --quick                # a smoke run: a few hundred images, 2 epochs
     python benchmarks/input_ceiling.py --order rows --shuffle-buffer 0   # every row as CIFAR's presets read
+    python benchmarks/input_ceiling.py --rows jpeg --jpeg-images 9000 --epochs 3 --spy 30   # + py-spy by process
 
 Ours is the real training path: a 1-worker Ray Train TorchTrainer fed by
 `read_split(root, "train", transform, image_size=..., order=..., seed=0)` with
@@ -141,6 +142,71 @@ def role(p, worker_pid: int, driver_pid: int) -> str:
     return "Ray daemons"   # raylet, gcs_server, dashboard and its agents, log monitor
 
 
+def spy_on(seconds: float, after_s: float, tmp: str, found: dict) -> None:
+    """In a thread while ours() runs: `after_s` after the training worker starts, py-spy (on-CPU
+    samples only) on every Python process of the local Ray but the driver for `seconds`; into
+    `found`: {role: {what: (CPU s, [commonest innermost frames])}} (see what_it_does)."""
+    import collections
+
+    import psutil
+
+    import spy
+
+    driver = psutil.Process()
+    deadline = time.time() + 600
+    while time.time() < deadline and not any("RayTrainWorker" in " ".join(p.cmdline()[:2])
+                                             for p in driver.children(recursive=True) if _alive(p)):
+        time.sleep(0.5)
+    time.sleep(after_s)
+    worker = next((p.pid for p in driver.children(recursive=True) if _alive(p)
+                   and "RayTrainWorker" in " ".join(p.cmdline()[:2])), -1)
+    targets = {}
+    for p in driver.children(recursive=True):
+        try:
+            title = " ".join(p.cmdline()[:2])
+            if p.name() != "py-spy" and ("python" in p.name() or title.startswith("ray::")):
+                targets[p.pid] = (role(p, worker, driver.pid), os.path.join(tmp, f"spy-{p.pid}.txt"))
+        except psutil.Error:
+            pass
+    rate = 25
+    procs = [spy.record(pid, seconds, out, idle=False, rate=rate) for pid, (_, out) in targets.items()]
+    for proc in procs:
+        proc.wait()
+    samples = collections.defaultdict(collections.Counter)
+    leaves = collections.defaultdict(lambda: collections.defaultdict(collections.Counter))
+    for pid, (who, out) in targets.items():
+        for _, frames, count in spy.stacks(out):
+            what = what_it_does(frames)
+            samples[who][what] += count
+            leaves[who][what][frames[-1].rsplit(":", 1)[0] + ")" if frames else "?"] += count
+    found.update({who: {what: (n / rate, [f"{leaf} {k / n:.0%}" for leaf, k in leaves[who][what].most_common(5)])
+                        for what, n in counter.most_common()} for who, counter in samples.items()})
+
+
+def _alive(p) -> bool:
+    try:
+        return bool(p.cmdline())
+    except Exception:
+        return False
+
+
+def what_it_does(frames: list[str]) -> str:
+    """What a sampled stack (root first, py-spy's "function (file:line)") was doing, by the code it ran."""
+    text = ";".join(frames)
+    if "decode_batch" in text:
+        return "decode + augment (our decode_batch)"
+    if "densenet_ray/" in text and "read_row_group" in text:
+        return "our read task, besides decoding (read, Arrow)"
+    if "worker_loop" in text and "iter_torch_batches" not in text and "ray/data/" not in text:
+        return "the benchmark's model step"
+    if "ray/data/" in text:
+        return "Ray Data (" + ("iterator, batching, shuffle buffer" if "iterator" in text or "batcher" in text
+                              else "executor, operators, block handling") + ")"
+    if "ray/" in text:
+        return "Ray core (task execution, object store, RPC)"
+    return "other (" + (frames[-1].split(" (")[0] if frames else "?") + ")"
+
+
 def ours(root: str, transform: str, side: int, batch: int, epochs: int, tmp: str, order: str = "rows",
          buffer: int = 0) -> list[dict]:
     """Per-epoch figures of a 1-worker TorchTrainer reading `root` through read_split."""
@@ -253,6 +319,10 @@ def main() -> None:
                    help="the train order (--shuffle) of every row (default: the row's preset's)")
     p.add_argument("--shuffle-buffer", type=int, default=None,
                    help="rows in the worker's local shuffle buffer (default: the row's preset's)")
+    p.add_argument("--spy", type=float, default=0, metavar="SECONDS",
+                   help="also py-spy (needs py-spy) every Python process of Ray but the driver for SECONDS, 30 s into "
+                        "each row's run: what the CPU of each role is spent on (its CPU ms/img in that epoch is "
+                        "then inflated by py-spy's reading)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 800 JPEGs, 2,000 PNGs, batch 64, 2 epochs, 2 s reference passes")
     args = p.parse_args()
@@ -303,7 +373,22 @@ def main() -> None:
             print(f"  ours: --shuffle {order} --shuffle-buffer {buffer} (the {preset_name} preset's"
                   f"{'' if (order, buffer) == (preset.shuffle, preset.shuffle_buffer) else ', overridden'})",
                   flush=True)
+            found: dict = {}
+            if args.spy:
+                import threading
+
+                watcher = threading.Thread(target=spy_on, args=(args.spy, 30, tmp, found))
+                watcher.start()
             epochs = ours(root, transform, side, batch, args.epochs, tmp, order, buffer)
+            if args.spy:
+                watcher.join()
+                print(f"  py-spy, {args.spy:g} s, CPU seconds by process role and what it ran:")
+                for who, parts in found.items():
+                    total = sum(cpu for cpu, _ in parts.values())
+                    print(f"    {who}: {total:.1f} CPU s")
+                    for part, (cpu, inner) in parts.items():
+                        if cpu / total >= 0.02:
+                            print(f"      {part:<52}{cpu / total:6.1%}   innermost: {' | '.join(inner)}")
             for e in epochs:
                 print(f"  epoch {e['epoch'] + 1}: {e['images']} images in {e['epoch_s']:.1f} s (first batch after "
                       f"{e['first_s']:.1f} s): {e['images'] / e['epoch_s']:.1f} img/s, "
