@@ -173,6 +173,42 @@ def model_alone(row: str, processes: int, threads: int, batch: int, classes: int
     return float(np.mean(ms)), float(np.mean(cores))
 
 
+def _all_reduce(rank: int, world: int, port: int, numel: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    grads, times = torch.randn(numel), []
+    for _ in range(25):
+        dist.barrier()
+        t = time.perf_counter()
+        dist.all_reduce(grads)
+        times.append(time.perf_counter() - t)
+    dist.destroy_process_group()
+    if rank == 0:
+        out.put(1000 * float(np.median(times[5:])))
+
+
+def all_reduce_ms(numel: int, world: int) -> float:
+    """Median ms of one gloo all_reduce of `numel` floats (a step's gradients, as DDP sends them in
+    buckets) between `world` single-threaded processes on this machine, each step's only traffic."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_all_reduce, args=(r, world, port, numel, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    ms = out.get(timeout=300)
+    for p in procs:
+        p.join()
+    return ms
+
+
 def window_rates(tracking_uri: str, start: float, end: float) -> tuple[float | None, float | None]:
     """Mean step_images_per_s the run reported (every --progress-s) inside [start, end] and after it."""
     import mlflow
@@ -267,6 +303,8 @@ def main() -> None:
             threads, per = max(1, cpus // workers), batch // workers
             alone, alone_cores = model_alone(args.row, 1, threads, per, classes)
             together, _ = model_alone(args.row, workers, threads, per, classes) if workers > 1 else (alone, 0)
+            numel = sum(p.numel() for p in T.network(args.row, classes).parameters())
+            reduce_ms = all_reduce_ms(numel, workers) if workers > 1 else 0.0
             result: dict = {}
             watcher = threading.Thread(target=watch, args=(workers, args.after_s, args.window_s, tmp, result))
             watcher.start()
@@ -277,7 +315,8 @@ def main() -> None:
             print(f"\n{T.ROWS[args.row][0]}, {workers} worker(s) x {threads} thread(s), {per} images a step each: "
                   f"{inside:.1f} img/s in the profiled window (after it: {after or float('nan'):.1f}), step {step:.0f} "
                   f"ms; the model alone {alone:.0f} ms in one process using {alone_cores:.2f} cores"
-                  + (f", {together:.0f} ms in {workers} at once" if workers > 1 else ""), flush=True)
+                  + (f", {together:.0f} ms in {workers} at once; a gloo all_reduce of its {numel:,} gradients "
+                     f"alone: {reduce_ms:.1f} ms" if workers > 1 else ""), flush=True)
             print(f"  {inside / plain:.2f}x the plain loop", flush=True)
             print(f"  cores used over {result.get('wall', 0):.0f} s of steady state:")
             for who, c in sorted(result.get("cores", {}).items(), key=lambda kv: -kv[1]):
@@ -289,7 +328,7 @@ def main() -> None:
                     if share > 0.03:
                         print("        innermost: " + " | ".join(inner))
             rows.append({"workers": workers, "step_ms": step, "window_img_s": inside, "after_img_s": after,
-                         "alone_ms": alone, "alone_cores": alone_cores, "together_ms": together, **result})
+                         "alone_ms": alone, "alone_cores": alone_cores, "together_ms": together, "all_reduce_ms": reduce_ms, **result})
         print("\n" + json.dumps(rows, default=str))
 
 
