@@ -74,7 +74,7 @@ class Console:
         self.handle, self.out, self.poll_s = actor, out or sys.stdout, poll_s
         self.tty = hasattr(self.out, "isatty") and self.out.isatty()
         self._drawn = False  # a progress line is on the screen, without its newline
-        self._stop = threading.Event()
+        self._stop, self._lock = threading.Event(), threading.Lock()   # one taker at a time: lines stay in order
         self._thread = threading.Thread(target=self._drain, name="densenet_ray-console", daemon=True)
         self._thread.start()
 
@@ -92,10 +92,14 @@ class Console:
     def _drain(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
-                lines = self._take()
+                self.flush()
             except Exception:  # the actor is gone (Ray shut down): nothing more will come
                 return
-            for kind, line in lines:
+
+    def flush(self) -> None:
+        """Print what is queued now (the driver about to exit on SIGTERM: rank 0's last lines)."""
+        with self._lock:
+            for kind, line in self._take():
                 self.show(kind, line)
 
     def show(self, kind: str, line: str) -> None:
@@ -114,8 +118,7 @@ class Console:
         self._stop.set()
         self._thread.join(timeout=30)
         try:
-            for kind, line in self._take():
-                self.show(kind, line)
+            self.flush()
         except Exception:
             pass
         if self._drawn:

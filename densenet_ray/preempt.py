@@ -152,8 +152,9 @@ class Watch:
             time.sleep(GRACE_S)
 
 
-def on_driver_sigterm(run_name: str, say=print) -> None:
-    """In the driver's main thread, before fit(): SIGTERM checkpoints the run, then ends the driver."""
+def on_driver_sigterm(run_name: str, say=print, flush=None) -> None:
+    """In the driver's main thread, before fit(): SIGTERM checkpoints the run, then ends the driver.
+    `flush`: prints the console's queued lines (rank 0's word on the checkpoint) before it exits."""
     if threading.current_thread() is not threading.main_thread():
         return
     # On the driver's node: the flag must outlive any worker node (a flag lost with a node would fail the run).
@@ -170,6 +171,11 @@ def on_driver_sigterm(run_name: str, say=print) -> None:
         while where is None and time.monotonic() < deadline:
             time.sleep(0.2)
             where = ray.get(flag.answered.remote())
+        try:
+            if flush:
+                flush()
+        except Exception:   # the console's actor gone: its lines with it
+            pass
         say(f"[densenet_ray] checkpoint written: {where}; the same command resumes at that step" if where else
             f"[densenet_ray] no checkpoint within {GRACE_S:.0f} s; the same command resumes from the newest one")
         leave.set()

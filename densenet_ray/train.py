@@ -221,8 +221,9 @@ def run(cfg: C.TrainConfig):
               f"another --run-name.", flush=True)
         return None
     runlog = open_run(cfg, uri, manifest)
-    preempt.on_driver_sigterm(cfg.run_name)   # SIGTERM: a checkpoint at the workers' next step, then exit
     console = Console.open()
+    # SIGTERM: a checkpoint at the workers' next step, rank 0's lines printed, then exit
+    preempt.on_driver_sigterm(cfg.run_name, flush=console.flush)
     try:
         return make_trainer(cfg, manifest, uri, runlog.run_id, console=console.handle).fit()
     except BaseException:
