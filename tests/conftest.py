@@ -54,6 +54,22 @@ def home(tmp_path, monkeypatch, migrated_db):
     return tmp_path / "home"
 
 
+@pytest.fixture(scope="module")
+def digits_data(tmp_path_factory):
+    """scikit-learn's digits converted into shards, once per test module that trains on them."""
+    from densenet_ray.data import sources, write
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    write.convert(sources.digits(), str(out), progress=False)
+    return str(out)
+
+
+@pytest.fixture()
+def places(tmp_path):
+    """Checkpoint storage and an embedded MLflow store of the test's own."""
+    return {"storage": str(tmp_path / "runs"), "uri": f"sqlite:///{tmp_path}/mlflow.db"}
+
+
 class RayNodes:
     """A real multi-process Ray cluster on this machine, as `ray start` makes one: a head, and
     optionally more nodes joining it. Every node runs `ray start --block` in its own process
