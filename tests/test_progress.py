@@ -54,6 +54,18 @@ def test_waiting_for_data_shows_as_its_share_of_the_interval():
     assert stall_hint(0.3, first_batch_share=0.8)[0] == "pipeline start-up" and stall_hint(0.05) is None
 
 
+def test_the_first_batchs_wait_is_not_projected_onto_every_step_ahead():
+    """Step 1 waits for the input pipeline to start (seconds, once an epoch): the ETAs at that first
+    report count it once per epoch, not once per step left (an ETA of 50 min for a 3 min run, seen)."""
+    meter = Progress(every_s=10, steps=40, epochs=3, world=1, device=CPU, rank=0, global_batch=64)
+    meter.epoch_start(0, None)
+    time.sleep(0.51)
+    first = meter.step(1, torch.tensor(2.0), 0.1, 0.5)
+    assert first["step"] == 1 and first["step_data_wait_frac"] > 0.9
+    assert first["epoch_eta_s"] < 39 * 0.05                      # not 39 x 0.51 s
+    assert 2 * 0.5 <= first["run_eta_s"] < 2 * (0.5 + 40 * 0.05) + 39 * 0.05   # the start-up once per later epoch
+
+
 def test_off_means_no_reports_and_no_collectives():
     meter = Progress(every_s=0, steps=5, epochs=1, world=2, device=CPU, rank=0, global_batch=8)
     assert run_epoch(meter, 0, 5, 0, 0) == []  # world=2 without a process group: any collective would raise
