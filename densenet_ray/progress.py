@@ -41,7 +41,6 @@ class Progress:
         self.epoch, self.last_epoch_s = epoch, seen or last_epoch_s
         self.epoch_t0 = self._mark = now
         self._wait = self._steps = 0
-        self._started = False
         self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self.next_due = max(self.next_due, epoch * self.steps + 1)
 
@@ -51,7 +50,7 @@ class Progress:
         if not self.on:
             return None
         if step == 1:
-            self.first_wait, self._started = wait_s, True  # mostly the input pipeline starting (see stall_hint)
+            self.first_wait = wait_s  # mostly the input pipeline starting (see stall_hint)
         self._wait += wait_s
         self._steps += 1
         self._loss += loss.detach()
@@ -72,7 +71,7 @@ class Progress:
         if self.rank == 0:
             # The steps ahead go at this interval's pace without the epoch's first-batch wait (the
             # input pipeline starting: seconds once, not every step); each later epoch has it once.
-            startup = self.first_wait if self._started else 0.0
+            startup = self.first_wait if step == self._steps else 0.0   # this interval began at step 1
             ahead_s = max(interval - startup, 1e-9) / self._steps
             epoch_eta = (self.steps - step) * ahead_s
             per_epoch = self.last_epoch_s or self.steps * ahead_s + self.first_wait
@@ -81,7 +80,7 @@ class Progress:
                       "step_images_per_s": self._steps * self.global_batch / interval,
                       "step_data_wait_frac": min(1.0, wait_frac),
                       "epoch_eta_s": epoch_eta, "run_eta_s": epoch_eta + per_epoch * (self.epochs - self.epoch - 1)}
-        self._mark, self._wait, self._steps, self._started = now, 0.0, 0, False
+        self._mark, self._wait, self._steps = now, 0.0, 0
         self._loss.zero_()
         return report
 
